@@ -1,0 +1,30 @@
+# Two entry points: `make demo` and `make test`. Both create .venv on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# The CPU build of torch first (it lies on local disk here); later ranges it satisfies add nothing.
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[test,models]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/loratools inspect
+	$(VENV)/bin/loratools spectrum --plot reports/example/spectrum.png > /dev/null
+	@echo "wrote reports/example/spectrum.png"
+
+test: $(STAMP)
+	$(PY) -m ruff check lora_tools tests benchmarks scripts
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_inspect.py --write-report
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

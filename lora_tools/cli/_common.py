@@ -1,0 +1,93 @@
+"""What every command shares: options, the error boundary, JSON output, progress bars."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lora_tools.errors import LoraToolsError
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+force_option = click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+format_option = click.option("--format", "format_", type=click.Choice(["peft", "kohya", "diffusers"]),
+                             default=None, help="Input format (default: detected).")
+adapter_argument = click.argument("path", required=False, type=click.Path(path_type=Path))
+
+
+def default_adapter(path: Path | None) -> Path:
+    if path is not None:
+        return path
+    from lora_tools.data import example_adapter_path
+
+    return example_adapter_path()
+
+
+def fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def error_boundary(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Map the library's errors (and OS errors) to one `error: ...` line and exit status 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if os.environ.get("LORATOOLS_DEBUG") == "1":
+            return func(*args, **kwargs)
+        try:
+            return func(*args, **kwargs)
+        except LoraToolsError as exc:
+            fail(_one_line(str(exc)))
+        except OSError as exc:
+            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+            fail(_one_line(f"{where}{exc.strerror or exc}"))
+        except MemoryError:
+            fail("out of memory")
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def dump_json(document: dict[str, Any]) -> str:
+    """Strict JSON (NaN/Inf become null)."""
+    return json.dumps(_finite(document), indent=2, allow_nan=False)
+
+
+def echo_json(document: dict[str, Any]) -> None:
+    click.echo(dump_json(document))
+
+
+@contextlib.contextmanager
+def progress_bar(length: int, label: str, quiet: bool) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr (shown only on a terminal and without --quiet)."""
+    if quiet or not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    with click.progressbar(length=length, label=label, file=sys.stderr) as bar:
+        yield bar.update

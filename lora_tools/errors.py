@@ -1,0 +1,35 @@
+"""One error hierarchy for the whole toolkit.
+
+Every failure that a user can cause (a bad file, a bad option) is a ``LoraToolsError``; the CLI turns it into one
+``error: ...`` line on stderr and exit status 1. Anything else escaping is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class LoraToolsError(Exception):
+    """Base class of every error loratools raises on purpose."""
+
+
+class AdapterFormatError(LoraToolsError, ValueError):
+    """An input file or folder is not a readable adapter (corrupt, truncated, inconsistent)."""
+
+
+class UnsupportedAdapterError(AdapterFormatError):
+    """A well-formed adapter of a kind loratools does not handle (IA3, LoHa, LoKr, AdaLoRA, ...)."""
+
+
+class UnsafeFileError(AdapterFormatError):
+    """A file whose loading would execute code (a pickle with objects other than tensors)."""
+
+
+class ModuleMismatchError(LoraToolsError, ValueError):
+    """Factors, configs or adapters that do not fit together (shapes, ranks, module sets)."""
+
+
+class OutputExistsError(LoraToolsError, FileExistsError):
+    """An output path exists and --force was not given."""
+
+
+class InvalidOptionError(LoraToolsError, ValueError):
+    """An option value that parses but makes no sense (rank <= 0, energy outside (0, 1], ...)."""

@@ -1,0 +1,115 @@
+"""Checks and helpers shared by every format reader."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from lora_tools.adapter import LoraModule
+from lora_tools.errors import AdapterFormatError, ModuleMismatchError, UnsupportedAdapterError
+from lora_tools.tensorfile import FLOAT_DTYPES, TensorInfo
+
+# Key fragments of adapter kinds that are not LoRA: refused with a message naming what was found.
+NON_LORA_MARKERS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"(^|[._])hada_w[12]_[ab]"), "LyCORIS LoHa (hada_w*)"),
+    (re.compile(r"(^|[._])lokr_w[12]"), "LyCORIS LoKr (lokr_w*)"),
+    (re.compile(r"(^|[._])lora_mid(\.|$)"), "LyCORIS LoCon with a Tucker core (lora_mid)"),
+    (re.compile(r"(^|[._])ia3_l(\.|$)"), "IA3 (ia3_l)"),
+    (re.compile(r"(^|[._])lora_E(\.|$)"), "AdaLoRA (lora_E)"),
+    (re.compile(r"(^|[._])boft_"), "BOFT (boft_*)"),
+    (re.compile(r"(^|[._])oft_"), "OFT (oft_*)"),
+    (re.compile(r"(^|[._])vera_lambda_"), "VeRA (vera_lambda_*)"),
+    (re.compile(r"(^|[._])(glora_|w_norm$|b_norm$)"), "LyCORIS GLoRA/norm"),
+    (re.compile(r"\.diff(_b)?$"), "LyCORIS full weight difference (.diff)"),
+)
+
+
+def refuse_non_lora(path: Path, keys: Iterable[str]) -> None:
+    """Raise if any key belongs to a non-LoRA adapter kind."""
+    for key in keys:
+        for pattern, kind in NON_LORA_MARKERS:
+            if pattern.search(key):
+                raise UnsupportedAdapterError(
+                    f"{path}: this is a {kind} adapter (tensor {key!r}), not LoRA; loratools handles "
+                    "LoRA adapters (B·A factors) only"
+                )
+
+
+def check_factor(path: Path, module: str, role: str, info: TensorInfo) -> None:
+    if info.dtype not in FLOAT_DTYPES:
+        raise AdapterFormatError(
+            f"{path}: module {module}: {role} tensor {info.key!r} has dtype {info.dtype}; "
+            "LoRA factors must be floating point (F32, F16, BF16, F64)"
+        )
+    if len(info.shape) < 2:
+        raise AdapterFormatError(
+            f"{path}: module {module}: {role} tensor {info.key!r} is {len(info.shape)}-D {list(info.shape)}; "
+            "LoRA factors are at least 2-D"
+        )
+    if info.numel == 0:
+        raise AdapterFormatError(f"{path}: module {module}: {role} tensor {info.key!r} is empty "
+                                 f"{list(info.shape)}")
+
+
+def make_module(
+    path: Path,
+    name: str,
+    a_info: TensorInfo,
+    b_info: TensorInfo,
+    *,
+    alpha: float,
+    scale: float,
+    kind: str | None = None,
+    expected_rank: int | None = None,
+    rank_source: str = "config",
+    **extra: object,
+) -> LoraModule:
+    """Validate a pair of factors and build the module (A: (r, in, *k), B: (out, r, *1))."""
+    check_factor(path, name, "A (down)", a_info)
+    check_factor(path, name, "B (up)", b_info)
+    rank = a_info.shape[0]
+    if b_info.shape[1] != rank or math.prod(b_info.shape[2:]) != 1:
+        raise ModuleMismatchError(
+            f"{path}: module {name}: factors do not chain: A (down) is {list(a_info.shape)} (r x in), "
+            f"B (up) is {list(b_info.shape)} (out x r); expected B's second dimension to be {rank}"
+        )
+    if expected_rank is not None and expected_rank != rank:
+        raise ModuleMismatchError(
+            f"{path}: module {name}: {rank_source} says rank {expected_rank} but the tensors have rank {rank} "
+            f"(A is {list(a_info.shape)})"
+        )
+    if kind is None:
+        kind = "conv" if len(a_info.shape) > 2 else "linear"
+    return LoraModule(name=name, kind=kind, rank=rank, alpha=float(alpha), scale=float(scale),
+                      a_info=a_info, b_info=b_info, **extra)  # type: ignore[arg-type]
+
+
+def pair_factors(path: Path, downs: dict[str, TensorInfo], ups: dict[str, TensorInfo],
+                 down_word: str = "A", up_word: str = "B") -> list[str]:
+    """Module names that have both factors; a factor without its partner is an error."""
+    only_down = sorted(set(downs) - set(ups))
+    only_up = sorted(set(ups) - set(downs))
+    if only_down or only_up:
+        name, have, missing = (only_down[0], down_word, up_word) if only_down else (only_up[0], up_word, down_word)
+        raise ModuleMismatchError(
+            f"{path}: module {name} has a LoRA {have} factor but no {missing} factor "
+            f"({len(only_down) + len(only_up)} unpaired module(s))"
+        )
+    return list(downs)
+
+
+def scalar_value(path: Path, key: str, tensor: object) -> float:
+    """A stored alpha: a 0-d or one-element tensor."""
+    import torch
+
+    if not isinstance(tensor, torch.Tensor):
+        raise AdapterFormatError(f"{path}: alpha entry {key!r} is not a tensor")
+    if tensor.numel() != 1:
+        raise AdapterFormatError(f"{path}: alpha tensor {key!r} should hold one number, has shape "
+                                 f"{list(tensor.shape)}")
+    value = float(tensor.reshape(()).to(torch.float64))
+    if not math.isfinite(value):
+        raise AdapterFormatError(f"{path}: alpha tensor {key!r} is not finite ({value})")
+    return value

@@ -1,0 +1,111 @@
+"""diffusers LoRA files (``pytorch_lora_weights.safetensors``), in the three namings diffusers has used:
+
+* ``unet.<module>.lora.down.weight`` / ``.lora.up.weight`` (and ``text_encoder.<module>.lora_linear_layer.*``);
+* the older attention-processor naming ``<block>.processor.to_q_lora.down.weight`` (``to_out_lora`` is
+  ``to_out.0``), without a component prefix;
+* the PEFT-backed naming ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` without an adapter_config.json.
+
+Scale: ``network_alpha / rank`` where an ``.alpha`` tensor is stored, else 1 (diffusers' default).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from lora_tools.adapter import Adapter, LoraModule
+from lora_tools.errors import AdapterFormatError
+from lora_tools.formats import peft
+from lora_tools.formats.common import make_module, pair_factors, refuse_non_lora, scalar_value
+from lora_tools.tensorfile import TensorInfo, open_tensor_file
+
+NAME = "diffusers"
+WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
+_NEW = re.compile(r"^(?P<module>.+?)\.(?:lora|lora_linear_layer)\.(?P<role>down|up)\.weight$")
+_PROCESSOR = re.compile(r"^(?P<block>.+?)\.processor\.(?P<proj>[A-Za-z0-9_]+?)_lora\.(?P<role>down|up)\.weight$")
+_ALPHA = re.compile(r"^(?P<module>.+?)(?:\.lora|\.lora_linear_layer)?\.alpha$")
+COMPONENT_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.", "prior.")
+
+
+def sniff_keys(keys: list[str]) -> bool:
+    if any(_NEW.match(k) or _PROCESSOR.match(k) for k in keys):
+        return True
+    # PEFT-style factors under a diffusers component prefix (no base_model.model.)
+    return any(k.startswith(COMPONENT_PREFIXES) and (".lora_A." in k or ".lora_B." in k) for k in keys)
+
+
+def module_name_of(key: str) -> tuple[str, str] | None:
+    """(module, 'down'|'up') for a diffusers factor key, with processor names mapped to module paths."""
+    match = _PROCESSOR.match(key)
+    if match:
+        proj = match["proj"]
+        proj = "to_out.0" if proj == "to_out" else proj
+        return f"{match['block']}.{proj}", match["role"]
+    match = _NEW.match(key)
+    if match:
+        return match["module"], match["role"]
+    return None
+
+
+def read(path: Path) -> Adapter:
+    if path.is_dir():
+        candidates = [path / n for n in WEIGHT_NAMES if (path / n).is_file()]
+        if not candidates:
+            raise AdapterFormatError(f"{path}: no {' or '.join(WEIGHT_NAMES)} in this folder")
+        path = candidates[0]
+    source = open_tensor_file(path)
+    infos = source.infos()
+    refuse_non_lora(path, infos)
+    warnings: list[str] = []
+    if any(".lora_A." in k or ".lora_B." in k for k in infos):
+        return _read_peft_style(path, source, warnings)
+    downs: dict[str, TensorInfo] = {}
+    ups: dict[str, TensorInfo] = {}
+    alphas: dict[str, TensorInfo] = {}
+    extras: list[TensorInfo] = []
+    for key, info in infos.items():
+        found = module_name_of(key)
+        if found:
+            module, role = found
+            target = downs if role == "down" else ups
+            if module in target:
+                raise AdapterFormatError(f"{path}: module {module} appears twice ({target[module].key!r} and "
+                                         f"{key!r}): two naming schemes in one file")
+            target[module] = info
+        elif (match := _ALPHA.match(key)) and info.numel == 1:
+            alphas[match["module"]] = info
+        else:
+            extras.append(info)
+    if not downs and not ups:
+        raise AdapterFormatError(f"{path}: no diffusers LoRA tensors (*.lora.down.weight / *.lora.up.weight)")
+    modules: dict[str, LoraModule] = {}
+    for name in sorted(pair_factors(path, downs, ups, "down", "up"), key=peft.natural_key):
+        rank = downs[name].shape[0] if downs[name].shape else 0
+        alpha_info = alphas.get(name)
+        alpha = scalar_value(path, alpha_info.key, source.get(alpha_info.key)) if alpha_info else float(rank)
+        modules[name] = make_module(path, name, downs[name], ups[name], alpha=alpha,
+                                    scale=alpha / rank if rank else 0.0,
+                                    alpha_key=alpha_info.key if alpha_info else None)
+    rule = "network_alpha/rank" if alphas else "1 (diffusers, no network_alpha stored)"
+    return Adapter(path=path, format=NAME, modules=modules, source=source, metadata=source.metadata,
+                   extra_tensors=extras, warnings=warnings, scale_rule=rule, weights_path=path)
+
+
+def _read_peft_style(path: Path, source: object, warnings: list[str]) -> Adapter:
+    """PEFT-named factors with a component prefix; alphas from diffusers' ``lora_adapter_metadata`` if saved."""
+    groups, extras = peft.parse_lora_keys(path, source.infos(), prefix="")  # type: ignore[attr-defined]
+    config: dict = {}
+    raw = source.metadata.get("lora_adapter_metadata")  # type: ignore[attr-defined]
+    if raw:
+        try:
+            parsed = json.loads(raw)
+            config = parsed if isinstance(parsed, dict) else {}
+        except json.JSONDecodeError:
+            warnings.append(f"{path}: lora_adapter_metadata is not valid JSON; ignored")
+    rule = peft.ScaleRule(config, path, []) if config.get("r") else None
+    modules = peft.build_modules(path, groups, rule, bool(config.get("fan_in_fan_out")), warnings)
+    return Adapter(path=path, format=NAME, modules=modules, source=source,  # type: ignore[arg-type]
+                   config=config, metadata=source.metadata, extra_tensors=extras,  # type: ignore[attr-defined]
+                   warnings=warnings, scale_rule=rule.description if rule else "1 (no lora_alpha stored)",
+                   weights_path=path)

@@ -1,0 +1,51 @@
+"""The SVD of ``scale * B @ A`` from the factors alone.
+
+With B = Q_b R_b and Aᵀ = Q_a R_a (thin QR), B·A = Q_b (R_b R_aᵀ) Q_aᵀ: the r x r core carries every singular value
+and Q_b, Q_a (orthonormal columns) rotate its singular vectors back. Cost O((out + in)·r² + r³) instead of the
+O(out·in·min(out, in)) of a dense SVD, and no out x in matrix is ever allocated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class LowRankSVD:
+    """``delta = U @ diag(S) @ Vh`` with U: (out, k), S: (k,), Vh: (k, in), k = min(r, out, in)."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+
+
+@torch.no_grad()
+def lowrank_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0, *, dtype: Any = torch.float64,
+                compute_uv: bool = True) -> LowRankSVD:
+    """Exact thin SVD of ``scale * B @ A`` (B: (out, r), A: (r, in)), computed in ``dtype``."""
+    if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
+        raise ValueError(f"factors do not chain: B {tuple(B.shape)} @ A {tuple(A.shape)}")
+    B = B.to(dtype)
+    A = A.to(dtype)
+    q_b, r_b = torch.linalg.qr(B)  # q_b: (out, k_b), r_b: (k_b, r)
+    q_a, r_a = torch.linalg.qr(A.T)  # q_a: (in, k_a), r_a: (k_a, r)
+    core = (r_b @ r_a.T) * scale  # (k_b, k_a)
+    if not compute_uv:
+        S = torch.linalg.svdvals(core)
+        empty = B.new_zeros((0,))
+        return LowRankSVD(empty, S, empty)
+    u_core, S, vh_core = torch.linalg.svd(core, full_matrices=False)
+    return LowRankSVD(q_b @ u_core, S, vh_core @ q_a.T)
+
+
+def singular_values(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0, *,
+                    dtype: Any = torch.float64) -> torch.Tensor:
+    """All r singular values of ``scale * B @ A``, descending; zeros beyond min(out, in) when r exceeds it."""
+    rank = B.shape[1]
+    S = lowrank_svd(B, A, scale, dtype=dtype, compute_uv=False).S.abs()
+    if S.numel() < rank:
+        S = torch.cat([S, S.new_zeros(rank - S.numel())])
+    return S

@@ -1,0 +1,1 @@
+"""Rendering of report dicts: text tables, markdown, plots. Data first, rendering second."""

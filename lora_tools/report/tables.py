@@ -1,0 +1,78 @@
+"""Plain-text renderings of inspect/spectrum reports (tabulate)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tabulate import tabulate
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "nan"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _histogram_text(hist: dict[str, int]) -> str:
+    return ", ".join(f"{k} (x{n})" if len(hist) > 1 else k for k, n in hist.items()) or "-"
+
+
+def render_summary(report: dict[str, Any]) -> str:
+    lines = [
+        ("path", report["path"]),
+        ("format", report["format"]),
+        ("base model", report["base_model"] or "unknown"),
+        ("modules", f"{report['num_modules']} LoRA modules ({_histogram_text(report['kinds'])})"),
+        ("ranks", _histogram_text(report["ranks"])),
+        ("alphas", _histogram_text(report["alphas"])),
+        ("scale rule", report["scale_rule"]),
+        ("scales", _histogram_text(report["scales"])),
+        ("dtypes", _histogram_text(report["dtypes"])),
+        ("parameters", f"{report['total_params']:,}"),
+        ("file size", f"{report['file_size']:,} bytes"),
+    ]
+    if report["rank_pattern"]:
+        lines.append(("rank_pattern", str(report["rank_pattern"])))
+    if report["alpha_pattern"]:
+        lines.append(("alpha_pattern", str(report["alpha_pattern"])))
+    extras = report["extra_tensors"]
+    if extras:
+        shown = ", ".join(f"{e['key']} {e['shape']}" for e in extras[:5])
+        more = f" (+{len(extras) - 5} more)" if len(extras) > 5 else ""
+        lines.append(("extra tensors", f"{len(extras)}: {shown}{more}"))
+    width = max(len(k) for k, _ in lines)
+    return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in lines)
+
+
+INSPECT_COLUMNS = ("module", "shape", "rank", "alpha", "scale", "‖ΔW‖F", "σmax", "stable rank", "eff. rank",
+                   "r90", "r99", "num. rank", "flags")
+
+
+def render_inspect_table(rows: list[dict[str, Any]]) -> str:
+    table = [
+        (r["name"], "x".join(map(str, r["shape"])), r["rank"], _num(r["alpha"]), _num(r["scale"]),
+         _num(r["fro_norm"]), _num(r["sigma_max"]), _num(r["stable_rank"], 3), _num(r["effective_rank"], 3),
+         r["rank_90"], r["rank_99"], r["numerical_rank"], ",".join(r["flags"]) or "-")
+        for r in rows
+    ]
+    return tabulate(table, headers=INSPECT_COLUMNS, tablefmt="simple", disable_numparse=True)
+
+
+def render_warnings(warnings: list[str]) -> str:
+    if not warnings:
+        return ""
+    return "warnings:\n" + "\n".join(f"  - {w}" for w in warnings)
+
+
+def render_spectrum_table(rows: list[dict[str, Any]], max_values: int = 16) -> str:
+    table = []
+    for r in rows:
+        values = r["singular_values"]
+        shown = " ".join(_num(v, 4) for v in values[:max_values])
+        if len(values) > max_values:
+            shown += f" … (+{len(values) - max_values})"
+        table.append((r["name"], r["rank"], shown))
+    return tabulate(table, headers=("module", "rank", "singular values of s·B·A (descending)"),
+                    tablefmt="simple", disable_numparse=True)
