@@ -126,7 +126,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         if end > begin:
             spans.append((begin, end, key))
     spans.sort()
-    for (_, prev_end, prev_key), (begin, _, key) in zip(spans, spans[1:]):
+    for (_, prev_end, prev_key), (begin, _, key) in zip(spans, spans[1:], strict=False):
         if begin < prev_end:
             raise AdapterFormatError(f"{path}: tensors {prev_key!r} and {key!r} overlap in the data section")
     return infos, dict(metadata)
