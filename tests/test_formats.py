@@ -142,3 +142,16 @@ def test_symlinked_input(tmp_path: Path) -> None:
     link = tmp_path / "link.safetensors"
     link.symlink_to(real)
     assert load_adapter(link).modules["lora_te_a"].rank == 2
+
+
+def test_peft_named_factors_with_stored_alphas(tmp_path: Path) -> None:
+    """ComfyUI/ai-toolkit style: PEFT names without base_model.model., a kohya-style scalar alpha per module."""
+    down, up = factors(64, 32, 4)
+    path = tmp_path / "flux_lora.safetensors"
+    save_file({"diffusion_model.blocks.0.attn.qkv.lora_A.weight": down,
+               "diffusion_model.blocks.0.attn.qkv.lora_B.weight": up,
+               "diffusion_model.blocks.0.attn.qkv.alpha": torch.tensor(2.0)}, str(path))
+    adapter = load_adapter(path)
+    module = adapter.modules["diffusion_model.blocks.0.attn.qkv"]
+    assert (module.rank, module.alpha, module.scale) == (4, 2.0, 0.5)
+    assert adapter.extra_tensors == []

@@ -17,7 +17,13 @@ from pathlib import Path
 from lora_tools.adapter import Adapter, LoraModule
 from lora_tools.errors import AdapterFormatError
 from lora_tools.formats import peft
-from lora_tools.formats.common import make_module, pair_factors, refuse_non_lora, scalar_value
+from lora_tools.formats.common import (
+    make_module,
+    pair_factors,
+    refuse_non_lora,
+    scalar_value,
+    write_safetensors,
+)
 from lora_tools.tensorfile import TensorInfo, open_tensor_file
 
 NAME = "diffusers"
@@ -31,8 +37,8 @@ COMPONENT_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.
 def sniff_keys(keys: list[str]) -> bool:
     if any(_NEW.match(k) or _PROCESSOR.match(k) for k in keys):
         return True
-    # PEFT-style factors under a diffusers component prefix (no base_model.model.)
-    return any(k.startswith(COMPONENT_PREFIXES) and (".lora_A." in k or ".lora_B." in k) for k in keys)
+    # PEFT-named factors without PEFT's base_model.model. prefix (diffusers >= 0.26, ComfyUI/ai-toolkit exports)
+    return any(".lora_A." in k or ".lora_B." in k or k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
 
 
 def module_name_of(key: str) -> tuple[str, str] | None:
@@ -104,8 +110,65 @@ def _read_peft_style(path: Path, source: object, warnings: list[str]) -> Adapter
         except json.JSONDecodeError:
             warnings.append(f"{path}: lora_adapter_metadata is not valid JSON; ignored")
     rule = peft.ScaleRule(config, path, []) if config.get("r") else None
+    # Some exporters store kohya-style scalar alphas beside PEFT-named factors: "<module>.alpha".
+    alphas = {info.key[: -len(".alpha")]: info for info in extras
+              if info.key.endswith(".alpha") and info.numel == 1 and info.key[: -len(".alpha")] in groups}
+    extras = [info for info in extras if info.key[: -len(".alpha")] not in alphas]
     modules = peft.build_modules(path, groups, rule, bool(config.get("fan_in_fan_out")), warnings)
+    for name, info in alphas.items():
+        module = modules[name]
+        module.alpha = scalar_value(path, info.key, source.get(info.key))  # type: ignore[attr-defined]
+        module.scale = module.alpha / module.rank
+        module.alpha_key = info.key
+    if alphas:
+        rule_text = "alpha/rank (stored .alpha)"
+    else:
+        rule_text = rule.description if rule else "1 (no lora_alpha stored)"
     return Adapter(path=path, format=NAME, modules=modules, source=source,  # type: ignore[arg-type]
                    config=config, metadata=source.metadata, extra_tensors=extras,  # type: ignore[attr-defined]
-                   warnings=warnings, scale_rule=rule.description if rule else "1 (no lora_alpha stored)",
-                   weights_path=path)
+                   warnings=warnings, scale_rule=rule_text, weights_path=path)
+
+
+# --- writing -------------------------------------------------------------------------------------------------
+
+
+def write(adapter: Adapter, path: Path, *, force: bool = False) -> Path:
+    """Write ``adapter`` as one diffusers LoRA safetensors file, atomically.
+
+    A diffusers input keeps its own key naming (factors, ``.alpha`` tensors and everything else under their
+    keys); for the PEFT-backed naming the ranks/alphas in ``lora_adapter_metadata`` are rewritten with exact
+    per-module patterns. Other inputs are written in the ``<module>.lora.down.weight`` naming with an
+    ``<module>.alpha`` where the scale is not 1 (diffusers' network_alpha / rank).
+    """
+    import torch
+
+    from lora_tools.atomic import atomic_path
+
+    metadata = dict(adapter.metadata)
+    if adapter.format == NAME:
+        tensors = {key: adapter.source.get(key) for key in adapter.source.infos()}
+        raw = metadata.get("lora_adapter_metadata")
+        if raw and any(".lora_A." in m.a_info.key for m in adapter.modules.values()):
+            metadata["lora_adapter_metadata"] = json.dumps(peft.config_for(adapter, adapter.config))
+        missing = [m.name for m in adapter.modules.values()
+                   if abs(m.scale - 1.0) > 1e-12 and not m.alpha_key and not raw]
+        if missing:
+            raise AdapterFormatError(f"{adapter.path}: module {missing[0]} has scale {adapter.modules[missing[0]].scale:g} "
+                                     "but nowhere to store an alpha")
+    else:
+        tensors = {}
+        for name, module in adapter.modules.items():
+            if module.kind not in ("linear", "conv") or module.bias_key or module.magnitude_key:
+                raise AdapterFormatError(
+                    f"{adapter.path}: module {name} ({module.kind}{', bias' if module.bias_key else ''}"
+                    f"{', DoRA' if module.magnitude_key else ''}) cannot be written in diffusers' LoRA naming; "
+                    "write --to peft instead")
+            tensors[f"{name}.lora.down.weight"] = adapter.source.get(module.a_info.key)
+            tensors[f"{name}.lora.up.weight"] = adapter.source.get(module.b_info.key)
+            if abs(module.scale - 1.0) > 1e-12:
+                tensors[f"{name}.alpha"] = torch.tensor(module.scale * module.rank, dtype=torch.float32)
+        for info in adapter.extra_tensors:
+            tensors[info.key] = adapter.source.get(info.key)
+    with atomic_path(path, force) as tmp:
+        write_safetensors(tensors, tmp, metadata)
+    return path
