@@ -16,7 +16,7 @@ from lora_tools import __version__
 from lora_tools.adapter import Adapter, LoraModule
 from lora_tools.errors import InvalidOptionError
 from lora_tools.formats.peft import natural_key
-from lora_tools.linalg import singular_values, spectrum_metrics
+from lora_tools.linalg import single_threaded, singular_values, spectrum_metrics
 
 SORT_KEYS = ("name", "norm", "rank")
 
@@ -86,10 +86,11 @@ def inspect_adapter(adapter: Adapter, module_glob: str | None = None, sort: str 
     """The full inspect report of an adapter as a JSON-ready dict (modules streamed one at a time)."""
     modules = select_modules(adapter, module_glob)
     rows = []
-    for module in modules:
-        rows.append(analyze_module(adapter, module))
-        if progress:
-            progress(1)
+    with single_threaded():
+        for module in modules:
+            rows.append(analyze_module(adapter, module))
+            if progress:
+                progress(1)
     warnings = list(adapter.warnings)
     for row in rows:
         if "nonfinite" in row["flags"]:

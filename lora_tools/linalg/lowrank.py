@@ -7,6 +7,8 @@ O(out·in·min(out, in)) of a dense SVD, and no out x in matrix is ever allocate
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,13 +32,16 @@ def lowrank_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0, *, dtype: 
         raise ValueError(f"factors do not chain: B {tuple(B.shape)} @ A {tuple(A.shape)}")
     B = B.to(dtype)
     A = A.to(dtype)
+    if not compute_uv:
+        # The singular values live in the core alone; skipping Q (orgqr) is most of the cost.
+        r_b = torch.linalg.qr(B, mode="r")[1]  # (k_b, r)
+        r_a = torch.linalg.qr(A.T, mode="r")[1]  # (k_a, r)
+        S = torch.linalg.svdvals((r_b @ r_a.T) * scale)
+        empty = B.new_zeros((0,))
+        return LowRankSVD(empty, S, empty)
     q_b, r_b = torch.linalg.qr(B)  # q_b: (out, k_b), r_b: (k_b, r)
     q_a, r_a = torch.linalg.qr(A.T)  # q_a: (in, k_a), r_a: (k_a, r)
     core = (r_b @ r_a.T) * scale  # (k_b, k_a)
-    if not compute_uv:
-        S = torch.linalg.svdvals(core)
-        empty = B.new_zeros((0,))
-        return LowRankSVD(empty, S, empty)
     u_core, S, vh_core = torch.linalg.svd(core, full_matrices=False)
     return LowRankSVD(q_b @ u_core, S, vh_core @ q_a.T)
 
@@ -49,3 +54,18 @@ def singular_values(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0, *,
     if S.numel() < rank:
         S = torch.cat([S, S.new_zeros(rank - S.numel())])
     return S
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run torch on one CPU thread for the duration.
+
+    The per-module problems are tiny ((out + in) x r); OpenMP fork/join costs more than they do, and on a busy
+    machine a second thread waiting for a core made QR 100x slower in our measurements.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
