@@ -101,3 +101,12 @@ def test_mixed_precision_inputs_are_upcast() -> None:
     ours = singular_values(B16, A16)
     dense = torch.linalg.svdvals(B16.double() @ A16.double())[:4]
     torch.testing.assert_close(ours, dense, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-150, 1e150, 1e300])
+def test_metrics_survive_extreme_scales(scale: float) -> None:
+    S = torch.tensor([4.0, 2.0, 1.0, 1.0], dtype=torch.float64) * scale
+    m = spectrum_metrics(S, (10, 10))
+    assert m.stable_rank == pytest.approx(22 / 16)
+    assert m.fro_norm == pytest.approx(math.sqrt(22) * scale, rel=1e-12)
+    assert (m.rank_90, m.rank_99, m.numerical_rank) == (2, 4, 4)

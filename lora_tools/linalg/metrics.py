@@ -45,19 +45,21 @@ def spectrum_metrics(S: torch.Tensor, shape: tuple[int, int]) -> SpectrumMetrics
         nan = float("nan")
         return SpectrumMetrics(nan, nan, nan, nan, 0, 0, 0)
     sigma_max = float(S.max()) if S.numel() else 0.0
-    fro_sq = float(S.square().sum())
     if sigma_max == 0.0:
         return SpectrumMetrics(0.0, 0.0, 0.0, 0.0, 0, 0, 0)
-    p = S / S.sum()
+    # Work with σ/σ_max so that extreme scales (alpha of 1e-300 or 1e300) neither underflow nor overflow.
+    ratios = S / sigma_max
+    relative_energy = float(ratios.square().sum())
+    p = ratios / ratios.sum()
     p = p[p > 0]
     entropy = float(-(p * p.log()).sum())
-    tolerance = max(shape) * FLOAT32_EPS * sigma_max
+    tolerance = max(shape) * FLOAT32_EPS
     return SpectrumMetrics(
-        fro_norm=math.sqrt(fro_sq),
+        fro_norm=sigma_max * math.sqrt(relative_energy),
         sigma_max=sigma_max,
-        stable_rank=fro_sq / sigma_max**2,
+        stable_rank=relative_energy,
         effective_rank=math.exp(entropy),
-        rank_90=energy_rank(S, 0.90),
-        rank_99=energy_rank(S, 0.99),
-        numerical_rank=int((S > tolerance).sum()),
+        rank_90=energy_rank(ratios, 0.90),
+        rank_99=energy_rank(ratios, 0.99),
+        numerical_rank=int((ratios > tolerance).sum()),
     )
