@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load_adapter": ("lora_tools.formats", "load_adapter"),
+    "save_adapter": ("lora_tools.formats", "save_adapter"),
+    "truncate": ("lora_tools.truncate", "truncate"),
     "detect": ("lora_tools.formats", "detect"),
     "Adapter": ("lora_tools.adapter", "Adapter"),
     "LoraModule": ("lora_tools.adapter", "LoraModule"),

@@ -41,3 +41,49 @@ def atomic_path(path: Path, force: bool = False) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def check_not_input(path: Path, inputs: tuple[Path, ...]) -> None:
+    """Refuse an output that is an input, or a folder holding one (overwriting it would destroy the input)."""
+    target = path.resolve()
+    for source in inputs:
+        if not source.exists():
+            continue
+        resolved = source.resolve()
+        if resolved == target or target in resolved.parents:
+            raise LoraToolsError(f"{path}: output would overwrite the input {source}; choose another output path")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it takes ``path``'s place.
+
+    A folder cannot be swapped in one rename over an existing one, so with ``force`` the old entry is first
+    renamed aside and removed only after the new folder is in place; if the second rename fails the old one is
+    put back. On any exception the temporary folder is removed and ``path`` is left as it was.
+    """
+    import shutil
+
+    check_output(path, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        old: Path | None = None
+        if path.exists() or path.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old.rmdir()
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old is not None:
+                os.replace(old, path)
+            raise
+        if old is not None:
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -33,3 +33,7 @@ class OutputExistsError(LoraToolsError, FileExistsError):
 
 class InvalidOptionError(LoraToolsError, ValueError):
     """An option value that parses but makes no sense (rank <= 0, energy outside (0, 1], ...)."""
+
+
+class BaseModelError(LoraToolsError, ValueError):
+    """A base model that cannot be found, loaded or matched to the adapter (missing files, unknown name)."""

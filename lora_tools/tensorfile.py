@@ -256,3 +256,31 @@ def open_tensor_file(path: Path) -> TensorSource:
 
 def keys_with_suffix(keys: Iterable[str], suffixes: tuple[str, ...]) -> list[str]:
     return [k for k in keys if k.endswith(suffixes)]
+
+
+def safetensors_dtype(tensor: Any) -> str:
+    """The safetensors spelling (F32, F16, ...) of a torch tensor's dtype."""
+    return _TORCH_TO_ST.get(str(tensor.dtype), str(tensor.dtype))
+
+
+class MemorySource:
+    """Tensors held in memory (e.g. a freshly truncated adapter), with the same surface as a file source.
+
+    ``path`` only names where the tensors came from, for messages; nothing is read from it.
+    """
+
+    def __init__(self, tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None):
+        self.path = path
+        self.metadata = dict(metadata or {})
+        self._tensors = tensors
+        self._infos = {
+            key: TensorInfo(key, safetensors_dtype(t), tuple(t.shape)) for key, t in tensors.items()
+        }
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def get(self, key: str) -> Any:
+        if key not in self._tensors:
+            raise AdapterFormatError(f"{self.path}: no tensor {key!r} (in memory)")
+        return self._tensors[key]

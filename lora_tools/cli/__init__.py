@@ -13,11 +13,13 @@ from lora_tools import __version__
 COMMANDS = {
     "inspect": ("lora_tools.cli.inspect_cmd", "inspect_command"),
     "spectrum": ("lora_tools.cli.spectrum_cmd", "spectrum_command"),
+    "truncate": ("lora_tools.cli.truncate_cmd", "truncate_command"),
 }
 
 SHORT_HELP = {
     "inspect": "Structure, scales and exact spectra of every module of an adapter.",
     "spectrum": "Singular values per module, optionally plotted.",
+    "truncate": "Best rank-k approximation of every module (fixed, energy, dynamic, global budget).",
 }
 
 

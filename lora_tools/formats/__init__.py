@@ -1,7 +1,7 @@
 """Format registry and detection.
 
-Each format module has the same small surface: ``sniff_keys(keys) -> bool`` and ``read(path) -> Adapter``
-(writers arrive with the commands that write). Adding a format means one file and one line in ``FORMATS``.
+Each format module has the same small surface: ``sniff_keys(keys) -> bool``, ``read(path) -> Adapter`` and
+``write(adapter, path, force=...)`` (atomic; ``save_adapter`` below adds the output checks). Adding a format means one file and one line in ``FORMATS``.
 """
 
 from __future__ import annotations
@@ -72,3 +72,17 @@ def load_adapter(path: str | Path, format: str | None = None) -> Adapter:
     adapter = FORMATS[name].read(target)
     adapter.path = path
     return adapter
+
+
+def save_adapter(adapter: Adapter, path: str | Path, format: str | None = None, *, force: bool = False,
+                 inputs: tuple[Path, ...] = ()) -> Path:
+    """Write ``adapter`` in ``format`` (default: its own) atomically; ``inputs`` are paths it must not overwrite."""
+    from lora_tools.atomic import check_not_input, check_output
+
+    path = Path(path)
+    format = format or adapter.format
+    if format not in FORMATS:
+        raise InvalidOptionError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    check_not_input(path, inputs)
+    check_output(path, force, inputs)
+    return FORMATS[format].write(adapter, path, force=force)

@@ -113,3 +113,21 @@ def scalar_value(path: Path, key: str, tensor: object) -> float:
     if not math.isfinite(value):
         raise AdapterFormatError(f"{path}: alpha tensor {key!r} is not finite ({value})")
     return value
+
+
+def write_safetensors(tensors: dict[str, object], path: Path, metadata: dict[str, str]) -> None:
+    """Save contiguous tensors (safetensors refuses views and shared storage) with string metadata."""
+    from safetensors.torch import save_file
+
+    prepared = {key: t.detach().contiguous().clone() for key, t in tensors.items()}  # type: ignore[attr-defined]
+    save_file(prepared, str(path), metadata={k: str(v) for k, v in metadata.items()})
+
+
+def factor_tensor(source: object, info: TensorInfo) -> object:
+    """A factor exactly as stored (its full shape, e.g. 4-D for conv)."""
+    return source.get(info.key)  # type: ignore[attr-defined]
+
+
+def format_number(value: float) -> int | float:
+    """8.0 -> 8 (configs and metadata read better with integral alphas as ints); other values unchanged."""
+    return int(value) if float(value).is_integer() and abs(value) < 2**53 else float(value)

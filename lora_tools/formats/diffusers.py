@@ -153,8 +153,9 @@ def write(adapter: Adapter, path: Path, *, force: bool = False) -> Path:
         missing = [m.name for m in adapter.modules.values()
                    if abs(m.scale - 1.0) > 1e-12 and not m.alpha_key and not raw]
         if missing:
-            raise AdapterFormatError(f"{adapter.path}: module {missing[0]} has scale {adapter.modules[missing[0]].scale:g} "
-                                     "but nowhere to store an alpha")
+            scale = adapter.modules[missing[0]].scale
+            raise AdapterFormatError(f"{adapter.path}: module {missing[0]} has scale {scale:g} but the file has no "
+                                     "alpha tensor or config to hold it; write --to peft instead")
     else:
         tensors = {}
         for name, module in adapter.modules.items():

@@ -7,10 +7,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from lora_tools.adapter import Adapter, LoraModule
-from lora_tools.errors import AdapterFormatError
-from lora_tools.formats.common import make_module, pair_factors, refuse_non_lora, scalar_value
+from lora_tools.errors import AdapterFormatError, ModuleMismatchError
+from lora_tools.formats.common import (
+    format_number,
+    make_module,
+    pair_factors,
+    refuse_non_lora,
+    scalar_value,
+    write_safetensors,
+)
 from lora_tools.formats.peft import natural_key
 from lora_tools.tensorfile import TensorInfo, open_tensor_file
 
@@ -77,3 +85,59 @@ def read(path: Path) -> Adapter:
     return Adapter(path=path, format=NAME, modules=modules, source=source, metadata=metadata,
                    extra_tensors=extras, warnings=warnings, base_model=base, scale_rule="alpha/rank (kohya)",
                    weights_path=path)
+
+
+# --- writing -------------------------------------------------------------------------------------------------
+
+# Content hashes of the *input* file that sd-scripts stores in metadata; stale after any change, so dropped.
+_STALE_METADATA = ("sshs_model_hash", "sshs_legacy_hash")
+
+
+def flat_name(name: str, source_format: str) -> str:
+    """kohya's flattened module name: kept for kohya input, ``lora_`` + dots to underscores otherwise."""
+    if source_format == NAME:
+        return name
+    flat = name.replace(".", "_")
+    return flat if flat.startswith(_PREFIXES) else f"lora_{flat}"
+
+
+def write(adapter: Adapter, path: Path, *, force: bool = False) -> Path:
+    """Write ``adapter`` as one kohya safetensors file with a float32 ``.alpha`` per module, atomically.
+
+    alpha = scale · rank (kohya's scale is alpha / rank, sd-scripts networks/lora.py); ``ss_network_dim`` and
+    ``ss_network_alpha`` become the common rank/alpha, or "Dynamic" when modules differ (as resize_lora.py
+    writes for dynamic resizes). Other metadata is kept except the now stale content hashes.
+    """
+    import torch
+
+    from lora_tools.atomic import atomic_path
+
+    tensors: dict[str, Any] = {}
+    ranks: set[int] = set()
+    alphas: set[float] = set()
+    for name, module in adapter.modules.items():
+        if module.kind not in ("linear", "conv"):
+            raise ModuleMismatchError(
+                f"{adapter.path}: module {name} is a {module.kind} layer; kohya files cannot mark a transposed "
+                "(GPT-2 Conv1D or embedding) update, write --to peft instead")
+        if module.bias_key or (module.magnitude_key and adapter.format != NAME):
+            raise ModuleMismatchError(
+                f"{adapter.path}: module {name} has a LoRA bias or a {adapter.format} DoRA magnitude that kohya "
+                "files cannot hold in the same layout; write --to peft instead")
+        flat = flat_name(name, adapter.format)
+        alpha = module.scale * module.rank
+        tensors[f"{flat}.lora_down.weight"] = adapter.source.get(module.a_info.key)  # (r, in[, kh, kw])
+        tensors[f"{flat}.lora_up.weight"] = adapter.source.get(module.b_info.key)  # (out, r[, 1, 1])
+        tensors[f"{flat}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        if module.magnitude_key:
+            tensors[f"{flat}.dora_scale"] = adapter.source.get(module.magnitude_key)
+        ranks.add(module.rank)
+        alphas.add(alpha)
+    for info in adapter.extra_tensors:
+        tensors[info.key] = adapter.source.get(info.key)
+    metadata = {k: v for k, v in adapter.metadata.items() if k not in _STALE_METADATA}
+    metadata["ss_network_dim"] = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
+    metadata["ss_network_alpha"] = str(format_number(alphas.pop())) if len(alphas) == 1 else "Dynamic"
+    with atomic_path(path, force) as tmp:
+        write_safetensors(tensors, tmp, metadata)
+    return path

@@ -15,7 +15,14 @@ from typing import Any
 
 from lora_tools.adapter import Adapter, LoraModule
 from lora_tools.errors import AdapterFormatError, UnsupportedAdapterError
-from lora_tools.formats.common import make_module, pair_factors, refuse_non_lora
+from lora_tools.formats.common import (
+    factor_tensor,
+    format_number,
+    make_module,
+    pair_factors,
+    refuse_non_lora,
+    write_safetensors,
+)
 from lora_tools.tensorfile import TensorInfo, TensorSource, open_tensor_file
 
 NAME = "peft"
@@ -258,3 +265,98 @@ def read(path: Path) -> Adapter:
         scale_rule=rule.description if rule else "unknown (no config): scale 1 assumed",
         weights_path=weights_path,
     )
+
+
+# --- writing -------------------------------------------------------------------------------------------------
+
+
+def pattern_key(name: str, all_names: list[str]) -> str:
+    """A rank_pattern/alpha_pattern key that PEFT's ``re.match(rf"(.*\\.)?({key})$", module)`` matches for
+    ``name`` only: the escaped full name, anchored with ``^`` when another module's name ends in ``.<name>``."""
+    key = re.escape(name)
+    if any(other != name and other.endswith("." + name) for other in all_names):
+        key = "^" + key
+    return key
+
+
+def _most_common(values: list[Any]) -> Any:
+    counts: dict[Any, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    # Ties go to the larger value so that `r` reads as the adapter's top rank.
+    return max(counts, key=lambda v: (counts[v], v))
+
+
+def config_for(adapter: Adapter, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A LoraConfig dict whose scale rule gives every module of ``adapter`` exactly its rank and scale.
+
+    ``r``/``lora_alpha`` are the most common rank/alpha; each module that differs gets an exact-name entry in
+    ``rank_pattern``/``alpha_pattern`` (patterns of the input are replaced, not merged: they were regexes over
+    the old ranks). Other fields of ``base`` are kept.
+    """
+    config = dict(base or {})
+    rslora = bool(config.get("use_rslora") or False)
+    names = list(adapter.modules)
+    ranks = {n: m.rank for n, m in adapter.modules.items()}
+    # alpha such that the loader's alpha/r (or alpha/sqrt(r)) is the module's scale.
+    alphas = {n: (m.scale * math.sqrt(m.rank) if rslora else m.scale * m.rank) for n, m in adapter.modules.items()}
+    r = _most_common(list(ranks.values()))
+    alpha = _most_common(list(alphas.values()))
+    config["r"] = int(r)
+    config["lora_alpha"] = format_number(alpha)
+    config["rank_pattern"] = {pattern_key(n, names): int(v) for n, v in ranks.items() if v != r}
+    config["alpha_pattern"] = {pattern_key(n, names): format_number(v) for n, v in alphas.items() if v != alpha}
+    return config
+
+
+def _default_config(adapter: Adapter) -> dict[str, Any]:
+    kinds = {m.kind for m in adapter.modules.values()}
+    return {
+        "peft_type": "LORA",
+        "base_model_name_or_path": adapter.base_model,
+        "task_type": None,
+        "target_modules": sorted(adapter.modules, key=natural_key),
+        "fan_in_fan_out": "conv1d" in kinds,
+        "use_rslora": False,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "inference_mode": True,
+    }
+
+
+def state_dict_for(adapter: Adapter, prefix: str = PREFIX) -> dict[str, Any]:
+    """Tensors under PEFT's key names; tensors that are not LoRA factors keep their keys."""
+    tensors: dict[str, Any] = {}
+    for name, module in adapter.modules.items():
+        if module.kind == "embedding":
+            a_key, b_key = f"{prefix}{name}.lora_embedding_A", f"{prefix}{name}.lora_embedding_B"
+        else:
+            a_key, b_key = f"{prefix}{name}.lora_A.weight", f"{prefix}{name}.lora_B.weight"
+        tensors[a_key] = factor_tensor(adapter.source, module.a_info)
+        tensors[b_key] = factor_tensor(adapter.source, module.b_info)
+        if module.bias_key:
+            tensors[f"{prefix}{name}.lora_B.bias"] = adapter.source.get(module.bias_key)
+        if module.magnitude_key:
+            if adapter.format not in ("peft", "diffusers"):
+                raise UnsupportedAdapterError(
+                    f"{adapter.path}: module {name}: writing a {adapter.format} DoRA magnitude as PEFT is not "
+                    "supported (the layouts differ); keep the input format")
+            tensors[f"{prefix}{name}.lora_magnitude_vector"] = adapter.source.get(module.magnitude_key)
+    for info in adapter.extra_tensors:
+        tensors[info.key] = adapter.source.get(info.key)
+    return tensors
+
+
+def write(adapter: Adapter, path: Path, *, force: bool = False) -> Path:
+    """Write ``adapter`` as a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``), atomically."""
+    from lora_tools.atomic import atomic_dir
+
+    base = adapter.config if adapter.format == NAME and adapter.config else _default_config(adapter)
+    config = config_for(adapter, base)
+    tensors = state_dict_for(adapter)
+    metadata = dict(adapter.metadata) if adapter.format == NAME else {}
+    metadata.setdefault("format", "pt")
+    with atomic_dir(path, force) as tmp:
+        write_safetensors(tensors, tmp / WEIGHT_NAMES[0], metadata)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return path

@@ -76,3 +76,25 @@ def render_spectrum_table(rows: list[dict[str, Any]], max_values: int = 16) -> s
         table.append((r["name"], r["rank"], shown))
     return tabulate(table, headers=("module", "rank", "singular values of s·B·A (descending)"),
                     tablefmt="simple", disable_numparse=True)
+
+
+def render_truncate_table(report: dict[str, Any]) -> str:
+    """Per-module ranks and errors of a truncation, then the totals."""
+    rows = [
+        [row["name"], row["old_rank"], row["new_rank"], _num(row["retained_energy"], 6),
+         _num(row["rel_fro_error"], 4), ", ".join(row["flags"])]
+        for row in report["modules"]
+    ]
+    table = tabulate(rows, headers=["module", "rank", "new rank", "retained energy", "rel. error", "flags"],
+                     tablefmt="simple")
+    before, after = report["params_before"], report["params_after"]
+    lines = [
+        table,
+        "",
+        f"selection: {report['selection']}",
+        f"parameters: {before:,} -> {after:,} ({after / before:.1%})" if before else f"parameters: {after:,}",
+        f"tensor bytes: {report['bytes_before']:,} -> {report['bytes_after']:,}",
+        f"retained energy (all modules): {_num(report['retained_energy'], 6)}",
+    ]
+    lines += [f"warning: {w}" for w in report["warnings"]]
+    return "\n".join(lines)
