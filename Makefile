@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/loratools inspect
 	$(VENV)/bin/loratools spectrum --plot reports/example/spectrum.png > /dev/null
+	$(VENV)/bin/loratools compare-quant --report reports/example --force --quiet > /dev/null
 	@echo "wrote reports/example/spectrum.png"
 
 test: $(STAMP)

@@ -1,0 +1,252 @@
+"""Layer-input capture from a transformers model, in streaming form.
+
+Forward hooks on the adapted layers' base modules see each batch's inputs; hooks are registered inside context
+managers whose ``finally`` always removes them (an exception mid-forward must not leave a hook that keeps
+capturing, or keeps adding a LoRA update, on a model the caller goes on using). Padding positions are dropped via
+the attention mask before anything is accumulated.
+
+What is kept per layer is bounded by the layer's width, never by the number of tokens: ``CovarianceAccumulator``
+holds C = Σ_t x_t x_tᵀ (in x in, float64) and the token count; per-token statistics are computed batch by batch
+by the caller (see ``lora_tools.compare.metrics``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_tools.errors import InvalidOptionError
+
+log = logging.getLogger(__name__)
+
+InputCallback = Callable[[str, torch.Tensor], None]
+
+
+@dataclass
+class CovarianceAccumulator:
+    """Running C = Σ x xᵀ over tokens (float64, on the inputs' device) and the token count."""
+
+    dim: int
+    device: Any = "cpu"
+    gram: torch.Tensor = field(init=False)
+    tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.gram = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Add the tokens of ``x`` (T, in)."""
+        if x.device.type == "cpu":
+            # On CPU the batch's Gram matrix is formed in float32 (this product dominates a run's cost, and a
+            # float64 GEMM is slower still) and summed across batches in float64, so the rounding does not grow
+            # with the number of batches. Per batch it is ~1e-6 relative — far below any error reported here.
+            x32 = x.to(torch.float32)
+            self.gram += (x32.T @ x32).to(torch.float64)
+        else:
+            x64 = x.to(torch.float64)
+            self.gram.addmm_(x64.T, x64)
+        self.tokens += x.shape[0]
+
+
+class _MaskState:
+    """The attention mask of the batch now running (set by the driver before each forward)."""
+
+    mask: torch.Tensor | None = None
+
+
+def _flatten_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(batch, seq, in) -> (T, in) keeping only the mask's real tokens; anything else -> (-1, in)."""
+    if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.to(device=x.device, dtype=torch.bool)]
+    return x.reshape(-1, x.shape[-1])
+
+
+@contextlib.contextmanager
+def capture_inputs(modules: Mapping[str, torch.nn.Module], callback: InputCallback) -> Iterator[_MaskState]:
+    """Call ``callback(name, x)`` with each module's input tokens x (T, in) on every forward.
+
+    Yields a state object: set ``state.mask`` (batch, seq) before a forward to drop padding tokens. The hooks
+    are removed on exit, whatever happens inside the block.
+    """
+    state = _MaskState()
+    handles = []
+    try:
+        for name, module in modules.items():
+            def hook(mod: torch.nn.Module, args: tuple[Any, ...], output: Any, _name: str = name) -> None:
+                callback(_name, _flatten_tokens(args[0].detach(), state.mask))
+
+            handles.append(module.register_forward_hook(hook))
+        yield state
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def lora_hooks(modules: Mapping[str, torch.nn.Module],
+               factors: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]) -> Iterator[None]:
+    """Add ``scale · B · A · x`` to each named module's output (B: (out, r), A: (r, in)) while inside the block.
+
+    Hooks rather than PEFT wrapping: this applies an adapter read from any format (kohya, diffusers, PEFT) to
+    the plain model without touching its weights, and the ``finally`` takes it off again.
+    """
+    handles = []
+    try:
+        for name, module in modules.items():
+            B, A, scale = factors[name]
+
+            def hook(mod: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor,
+                     _B: torch.Tensor = B, _A: torch.Tensor = A, _s: float = scale) -> torch.Tensor:
+                x = args[0]
+                update = (x.to(_A.dtype) @ _A.T) @ _B.T  # (..., out)
+                return output + (_s * update).to(output.dtype)
+
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def holdout_split(count: int, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(calibration indices, held-out indices) of ``count`` sequences: a fixed-seed shuffle, sorted back.
+
+    At least one sequence lands on each side when count >= 2 and 0 < fraction < 1.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise InvalidOptionError(f"--holdout must be in [0, 1), got {fraction}")
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    n_holdout = round(count * fraction)
+    if fraction > 0 and count >= 2:
+        n_holdout = min(max(n_holdout, 1), count - 1)
+    return sorted(order[n_holdout:]), sorted(order[:n_holdout])
+
+
+# --- calibration text ----------------------------------------------------------------------------------------
+
+
+def read_documents(path: Path) -> list[str]:
+    """Documents of a plain-text file: blocks separated by blank lines, whitespace-trimmed, empty ones dropped."""
+    if not path.is_file():
+        raise InvalidOptionError(f"{path}: calibration file not found (pass a plain-text file, or --calib random)")
+    raw = path.read_bytes()
+    if b"\x00" in raw[:8192]:
+        raise InvalidOptionError(f"{path}: calibration file is not text (it holds NUL bytes); pass a plain-text "
+                                 "file with one document per blank-line-separated block")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidOptionError(f"{path}: calibration file is not UTF-8 text ({exc.reason} at byte "
+                                 f"{exc.start})") from None
+    blocks = [" ".join(block.split()) for block in _split_blocks(text)]
+    documents = [b for b in blocks if b]
+    if not documents:
+        raise InvalidOptionError(f"{path}: calibration file is empty (no non-blank text)")
+    return documents
+
+
+def _split_blocks(text: str) -> list[str]:
+    blocks, current = [], []
+    for line in text.splitlines():
+        if line.strip():
+            current.append(line)
+        elif current:
+            blocks.append("\n".join(current))
+            current = []
+    if current:
+        blocks.append("\n".join(current))
+    return blocks
+
+
+@dataclass(frozen=True)
+class TokenizedCorpus:
+    """Token ids of each sequence (no padding), at most ``max_length`` each."""
+
+    sequences: list[list[int]]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+
+def tokenize_documents(tokenizer: Any, documents: Sequence[str], max_tokens: int,
+                       max_length: int = 128) -> TokenizedCorpus:
+    """Tokenize documents in order until ``max_tokens`` tokens (special tokens included) are collected.
+
+    Long documents are cut into consecutive windows of ``max_length`` (each with the model's special tokens),
+    so no text is silently dropped; the last sequence is cut to land exactly on ``max_tokens``.
+    """
+    sequences: list[list[int]] = []
+    total = 0
+    for document in documents:
+        # Overflowing windows: the tokenizer cuts a long document into consecutive max_length pieces, each
+        # with its special tokens ([CLS] ... [SEP] for BERT).
+        encoded = tokenizer(document, truncation=True, max_length=max_length, return_overflowing_tokens=True)
+        windows = encoded["input_ids"]
+        if windows and isinstance(windows[0], int):  # slow tokenizers return one flat window
+            windows = [windows]
+        for window in windows:
+            room = max_tokens - total
+            if room <= 0:
+                return TokenizedCorpus(sequences)
+            window = window[:room]
+            sequences.append(window)
+            total += len(window)
+    return TokenizedCorpus(sequences)
+
+
+def iter_batches(sequences: Sequence[list[int]], batch_size: int, pad_id: int,
+                 device: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask), both (batch, longest), right-padded; sequences sorted by length would pad
+    less but would change which tokens share a batch, which nothing here depends on — so order is kept."""
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        longest = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), longest), dtype=torch.long)
+        for row, seq in enumerate(chunk):
+            ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, :len(seq)] = 1
+        yield ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def run_model(model: torch.nn.Module, modules: Mapping[str, torch.nn.Module], sequences: Sequence[list[int]],
+              callback: InputCallback, *, pad_id: int, batch_size: int = 32, device: Any = "cpu",
+              progress: Callable[[int], None] | None = None) -> None:
+    """Forward ``sequences`` through ``model`` and hand every module's real (non-padding) input tokens to
+    ``callback``; ``progress(n)`` gets the number of sequences done after each batch."""
+    with capture_inputs(modules, callback) as state:
+        for ids, mask in iter_batches(sequences, batch_size, pad_id, device):
+            state.mask = mask
+            model(input_ids=ids, attention_mask=mask)
+            if progress is not None:
+                progress(ids.shape[0])
+
+
+def random_inputs(dims: Mapping[str, int], tokens: int, callback: InputCallback, *, seed: int = 0,
+                  batch_tokens: int = 2048, device: Any = "cpu") -> None:
+    """Isotropic Gaussian inputs N(0, I) per layer, batch by batch (for models whose base cannot be run)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, dim in dims.items():
+        for start in range(0, tokens, batch_tokens):
+            count = min(batch_tokens, tokens - start)
+            callback(name, torch.randn(count, dim, generator=gen).to(device))
+
+
+def split_tokens(tokens: int, fraction: float) -> tuple[int, int]:
+    """(calibration, held-out) token counts for random inputs."""
+    if not 0.0 <= fraction < 1.0:
+        raise InvalidOptionError(f"--holdout must be in [0, 1), got {fraction}")
+    holdout = math.floor(tokens * fraction)
+    return tokens - holdout, holdout

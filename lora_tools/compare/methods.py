@@ -1,0 +1,203 @@
+"""The compression methods compared by ``compare-quant``, as pure functions of a target matrix (and C).
+
+A *target* is the (out, in) linear map being stored: ΔW = s·B·A (kept factored), W0 + ΔW or W0 (dense). Every
+method returns an ``Approximation`` that can (a) apply itself to inputs, x (T, in) -> x Ŵᵀ (T, out), without
+materialising anything that grows with tokens, and (b) materialise Ŵ densely for the matrix metrics.
+
+Methods:
+
+* ``int8-*`` / ``int4-*``: weight-only rounding (``lora_tools.quant``). For a factored target the factors B and A
+  are quantized (each as its own (rows, cols) matrix) and the error is that of s·B_q·A_q.
+* ``svd``: the rank-k truncated SVD (Eckart–Young: best rank k in Frobenius norm of the *weight* error).
+* ``svd-act``: the rank-k map minimising the *output* error ‖(Ŵ − W) X‖_F on the calibration inputs:
+  Ŵ = U_k U_kᵀ W with U_k the top-k eigenvectors of W C Wᵀ, C = X Xᵀ. This is the projection of the outputs
+  Y = W X onto their top-k principal directions, so its error² is the sum of the tail eigenvalues of W C Wᵀ;
+  it needs no inverse of C (works when C is singular, unlike whitening via C^{-1/2}). Same idea as the
+  activation-aware truncations of ASVD (Yuan et al., 2023) and SVD-LLM (Wang et al., 2024), written as an output
+  projection.
+
+Storage of a rank-k approximation is counted as float16 factors: (out + in) · k · 2 bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lora_tools.quant import QuantScheme, fake_quantize, quantized_bytes
+
+FP16_BYTES = 2
+
+
+@dataclass
+class Target:
+    """The map being compressed: dense ``weight`` (out, in) or factored ``scale · B @ A``."""
+
+    shape: tuple[int, int]
+    weight: torch.Tensor | None = None  # (out, in), float32
+    B: torch.Tensor | None = None  # (out, r)
+    A: torch.Tensor | None = None  # (r, in)
+    scale: float = 1.0
+
+    @property
+    def factored(self) -> bool:
+        return self.weight is None
+
+    @property
+    def max_rank(self) -> int:
+        full = min(self.shape)
+        return min(full, self.B.shape[1]) if self.factored else full
+
+    @property
+    def params(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def reference_bytes(self) -> int:
+        """float16 storage of the target as it is: factors for ΔW, the dense matrix otherwise."""
+        if self.factored:
+            return (self.shape[0] + self.shape[1]) * self.B.shape[1] * FP16_BYTES
+        return self.params * FP16_BYTES
+
+    def dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        if self.factored:
+            return self.scale * (self.B.to(dtype) @ self.A.to(dtype))
+        return self.weight.to(dtype)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x (T, in) -> x Wᵀ (T, out) in x's dtype."""
+        if self.factored:
+            return self.scale * ((x @ self.A.to(x.dtype).T) @ self.B.to(x.dtype).T)
+        return x @ self.weight.to(x.dtype).T
+
+
+@dataclass
+class Approximation:
+    """One method's stored version Ŵ of a target, factored (left @ right) or dense."""
+
+    method: str
+    bytes: int
+    rank: int | None = None
+    left: torch.Tensor | None = None  # (out, k): Ŵ = scale · left @ right
+    right: torch.Tensor | None = None  # (k, in)
+    scale: float = 1.0
+    weight: torch.Tensor | None = None  # (out, in) when dense
+    # Per-entry rounding steps of the quantized matrices ("W", or "B" and "A"), each shaped like that matrix,
+    # for the uniform-noise prediction (metrics.uniform_noise_prediction).
+    steps: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.method if self.rank is None else f"{self.method}-r{self.rank}"
+
+    def dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        if self.weight is not None:
+            return self.weight.to(dtype)
+        return self.scale * (self.left.to(dtype) @ self.right.to(dtype))
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            return x @ self.weight.to(x.dtype).T
+        return self.scale * ((x @ self.right.to(x.dtype).T) @ self.left.to(x.dtype).T)
+
+
+def lowrank_bytes(shape: tuple[int, int], rank: int) -> int:
+    return (shape[0] + shape[1]) * rank * FP16_BYTES
+
+
+def equal_budget_rank(shape: tuple[int, int], budget: int, max_rank: int) -> int:
+    """Largest k with (out + in) · k · 2 bytes <= budget, capped at ``max_rank`` (0 when not even k=1 fits)."""
+    return max(0, min(max_rank, budget // ((shape[0] + shape[1]) * FP16_BYTES)))
+
+
+@torch.no_grad()
+def quantize_target(target: Target, scheme: QuantScheme) -> Approximation:
+    """Round the target (or, when factored, its factors B and A) with ``scheme``."""
+    if target.factored:
+        B_q, step_B = fake_quantize(target.B.float(), scheme)  # (out, r)
+        A_q, step_A = fake_quantize(target.A.float(), scheme)  # (r, in)
+        size = quantized_bytes(tuple(target.B.shape), scheme) + quantized_bytes(tuple(target.A.shape), scheme)
+        return Approximation(scheme.name, size, left=B_q, right=A_q, scale=target.scale,
+                             steps={"B": step_B, "A": step_A})
+    W_q, step = fake_quantize(target.weight.float(), scheme)
+    return Approximation(scheme.name, quantized_bytes(target.shape, scheme), weight=W_q, steps={"W": step})
+
+
+@dataclass(frozen=True)
+class TargetSVD:
+    """Thin SVD of the target in float64: U (out, k), S (k,), Vh (k, in)."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+
+
+@torch.no_grad()
+def target_svd(target: Target) -> TargetSVD:
+    """Exact SVD: QR-core from the factors for ΔW (no out x in SVD), dense float64 otherwise."""
+    if target.factored:
+        from lora_tools.linalg import lowrank_svd
+
+        svd = lowrank_svd(target.B, target.A, target.scale, dtype=torch.float64)
+        return TargetSVD(svd.U, svd.S, svd.Vh)
+    U, S, Vh = torch.linalg.svd(target.weight.to(torch.float64), full_matrices=False)
+    return TargetSVD(U, S, Vh)
+
+
+def svd_truncation(target: Target, svd: TargetSVD, rank: int) -> Approximation:
+    k = min(rank, svd.S.numel())
+    return Approximation("svd", lowrank_bytes(target.shape, rank), rank=rank,
+                         left=svd.U[:, :k] * svd.S[:k], right=svd.Vh[:k])
+
+
+@dataclass(frozen=True)
+class OutputEigen:
+    """Eigendecomposition of W C Wᵀ, descending: values (m,), vectors (out, m) orthonormal."""
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+
+    def tail_energy(self, rank: int) -> float:
+        """Σ_{i>k} λ_i: the optimal output error² at rank k (clamped at 0: tiny negative λ are rounding)."""
+        return float(self.values[rank:].clamp_min(0).sum())
+
+    @property
+    def total_energy(self) -> float:
+        return float(self.values.clamp_min(0).sum())
+
+
+@torch.no_grad()
+def output_eigen(target: Target, C: torch.Tensor) -> OutputEigen:
+    """Eigenpairs of W C Wᵀ (out x out) — through an r x r core when W = s·B·A is factored.
+
+    Factored: B = Q R (thin QR, Q: (out, r)), so W C Wᵀ = Q (s² R G Rᵀ) Qᵀ with G = A C Aᵀ (r x r); the core's
+    eigenvectors V give U = Q V. Dense: eigh of the (out, out) matrix, O(out³) — fine for layers up to a few
+    thousand outputs (MiniLM's largest is 1536).
+    """
+    C = C.to(torch.float64)
+    if target.factored:
+        B = target.B.to(torch.float64)
+        A = target.A.to(torch.float64)
+        Q, R = torch.linalg.qr(B)  # Q: (out, r), R: (r, r)
+        G = A @ C @ A.T  # (r, r)
+        core = target.scale ** 2 * (R @ G @ R.T)
+        values, vectors = torch.linalg.eigh((core + core.T) / 2)
+        values, vectors = values.flip(0), Q @ vectors.flip(1)
+    else:
+        W = target.weight.to(torch.float64)
+        M = W @ C @ W.T  # (out, out)
+        values, vectors = torch.linalg.eigh((M + M.T) / 2)
+        values, vectors = values.flip(0), vectors.flip(1)
+    return OutputEigen(values, vectors)
+
+
+def activation_aware(target: Target, eigen: OutputEigen, rank: int) -> Approximation:
+    """Ŵ = U_k (U_kᵀ W): stored as U_k (out, k) and U_kᵀ W (k, in)."""
+    U_k = eigen.vectors[:, :rank]  # (out, k)
+    if target.factored:
+        right = target.scale * ((U_k.T @ target.B.to(torch.float64)) @ target.A.to(torch.float64))
+    else:
+        right = U_k.T @ target.weight.to(torch.float64)
+    return Approximation("svd-act", lowrank_bytes(target.shape, rank), rank=rank, left=U_k, right=right)
+

@@ -1,0 +1,284 @@
+"""Output-error metrics: exact ones from C = X Xᵀ, per-token ones streamed batch by batch in bounded memory.
+
+For a weight error E (out, in) and inputs X (in, T), ‖E X‖_F² = tr(E C Eᵀ) with C = X Xᵀ: every Frobenius error
+(and the global cosine) comes from the accumulated C alone, calibration and held-out alike. Statistics that need
+individual tokens (worst-token cosine, per-token percentiles, max abs entry, kurtosis) are streamed by
+``OutputErrorStats``: running sums, running extrema and fixed log-spaced histograms, so memory does not grow with
+the number of tokens (percentiles are read off the histogram, ~1% resolution).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from lora_tools.compare.methods import Approximation, Target
+
+# Per-token relative error ‖Δy_t‖ / ‖y_t‖: 10^-8 .. 10^4 in 2400 bins (0.005 decades ≈ 1.2% per bin).
+TOKEN_LOG_RANGE = (-8.0, 4.0)
+TOKEN_BINS = 2400
+# |ΔY entries| / rms(Y entries) for the histogram plot: 10^-8 .. 10^2.
+ENTRY_LOG_RANGE = (-8.0, 2.0)
+ENTRY_BINS = 200
+
+
+@torch.no_grad()
+def output_energy(E: torch.Tensor, C: torch.Tensor) -> float:
+    """tr(E C Eᵀ) = ‖E X‖_F² (E: (out, in), C: (in, in)), float64."""
+    E = E.to(torch.float64)
+    return float(((E @ C.to(torch.float64)) * E).sum())
+
+
+def _quadratic(L: torch.Tensor, R: torch.Tensor, C: torch.Tensor) -> float:
+    """tr(L R C Rᵀ Lᵀ) for a factored matrix L R (L: (out, k), R: (k, in)): a k x k problem after R C Rᵀ."""
+    G = R @ C @ R.T  # (k, k)
+    return float(((L @ G) * L).sum())
+
+
+class EnergyContext:
+    """Per layer and per C: what every method's energies share, computed once.
+
+    For a factored target ΔW = s·B·A, the right factors of ``svd`` and ``svd-act`` lie in the row space of A, so
+    with Aᵀ = Q R (Q: (in, r)) everything about them reduces to the r x r matrix Q_ᵀ C Q; quantized factors A_q
+    leave that space and need one (r, in) @ (in, in) product each. Dense targets share W C.
+    """
+
+    def __init__(self, target: Target, C: torch.Tensor, W: torch.Tensor) -> None:
+        self.target = target
+        self.C = C.to(torch.float64)
+        self.W = W
+        if target.factored:
+            self.sB = target.scale * target.B.to(torch.float64)  # (out, r)
+            self.A = target.A.to(torch.float64)  # (r, in)
+            self.Q, _ = torch.linalg.qr(self.A.T)  # (in, r)
+            self.C_q = self.Q.T @ self.C @ self.Q  # (r, r)
+            self.AC = self.A @ self.C  # (r, in)
+            self.G_a = self.AC @ self.A.T  # (r, r)
+            self.y = float(((self.sB @ self.G_a) * self.sB).sum())
+        else:
+            self.WC = W @ self.C  # (out, in)
+            self.y = float((self.WC * W).sum())
+
+    @torch.no_grad()
+    def energies(self, approx: Approximation) -> tuple[float, float, float]:
+        """(‖E X‖², ‖Ŵ X‖², <W X, Ŵ X>) for Ŵ = approx and E = Ŵ − W (float64)."""
+        if approx.weight is not None:  # dense rounding of a dense target
+            W_hat = approx.weight.to(torch.float64)
+            E = W_hat - self.W
+            err = float(((E @ self.C) * E).sum())
+            inner = float((self.WC * W_hat).sum())
+            return err, err - self.y + 2 * inner, inner
+        left = approx.scale * approx.left.to(torch.float64)  # (out, k)
+        right = approx.right.to(torch.float64)  # (k, in)
+        if not self.target.factored:
+            y_hat = _quadratic(left, right, self.C)
+            inner = float(((self.WC @ right.T) * left).sum())
+            return max(self.y + y_hat - 2 * inner, 0.0), y_hat, inner
+        k = right.shape[0]
+        if approx.steps:  # quantized factors: A_q is outside A's row space
+            RC = right @ self.C  # (k, in)
+            G = torch.cat([torch.cat([RC @ right.T, RC @ self.A.T], dim=1),
+                           torch.cat([self.AC @ right.T, self.G_a], dim=1)], dim=0)  # (k + r, k + r)
+        else:
+            P = torch.cat([right @ self.Q, self.A @ self.Q], dim=0)  # (k + r, r) coordinates in the basis Q
+            G = P @ self.C_q @ P.T
+        L = torch.cat([left, -self.sB], dim=1)  # (out, k + r): E = L [right; A]
+        err = float(((L @ G) * L).sum())
+        y_hat = float(((left @ G[:k, :k]) * left).sum())
+        return err, y_hat, (self.y + y_hat - err) / 2
+
+
+@torch.no_grad()
+def output_inner(W: torch.Tensor, V: torch.Tensor, C: torch.Tensor) -> float:
+    """tr(W C Vᵀ) = <W X, V X>_F."""
+    return float(((W.to(torch.float64) @ C.to(torch.float64)) * V.to(torch.float64)).sum())
+
+
+def snr_db(signal: float, noise: float) -> float:
+    if noise <= 0:
+        return math.inf
+    if signal <= 0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def rel_error(signal: float, noise: float) -> float:
+    return math.sqrt(max(noise, 0.0) / signal) if signal > 0 else math.nan
+
+
+@torch.no_grad()
+def approximation_error_structure(target: Target, approx: Approximation, W: torch.Tensor) -> tuple[float, float]:
+    """``error_structure`` of E = Ŵ − W; exact singular values from the factors when both are low rank."""
+    if approx.weight is None and target.factored:
+        from lora_tools.linalg import lowrank_svd
+
+        L = torch.cat([approx.scale * approx.left.to(torch.float64),
+                       -target.scale * target.B.to(torch.float64)], dim=1)
+        R = torch.cat([approx.right.to(torch.float64), target.A.to(torch.float64)], dim=0)
+        S = lowrank_svd(L, R, compute_uv=False).S
+        return _structure_from_sigma_sq(S.square())
+    return error_structure(approx.dense(torch.float64).to(W.device) - W)
+
+
+def _structure_from_sigma_sq(sigma_sq: torch.Tensor) -> tuple[float, float]:
+    total = float(sigma_sq.clamp_min(0).sum())
+    top = float(sigma_sq.max()) if sigma_sq.numel() else 0.0
+    if total <= 0 or top <= 0:
+        return 0.0, math.nan
+    return total / top, top / total
+
+
+@torch.no_grad()
+def error_structure(E: torch.Tensor) -> tuple[float, float]:
+    """(stable rank ‖E‖_F²/σ_1², top-1 energy share σ_1²/‖E‖_F²) of the weight error E (out, in).
+
+    The two are reciprocals; both are reported because each reads naturally ("noise spread over ~300 directions"
+    vs "one direction holds 40% of the error"). σ² come from the eigenvalues of the smaller Gram matrix, which is
+    cheaper than an SVD and exact enough for the largest one.
+    """
+    E = E.to(torch.float64)
+    gram = E @ E.T if E.shape[0] <= E.shape[1] else E.T @ E
+    return _structure_from_sigma_sq(torch.linalg.eigvalsh(gram).clamp_min(0))
+
+
+@torch.no_grad()
+def uniform_noise_prediction(approx: Approximation, target: Target, C: torch.Tensor) -> float | None:
+    """Predicted ‖E X‖² if every rounding error were independent, uniform on ±step/2 (variance step²/12).
+
+    This is Widrow's classical additive-noise model of a uniform quantizer (Widrow, 1956; Widrow & Kollár,
+    "Quantization Noise", 2008). For a dense W_q = W + N: E‖N X‖² = Σ_o Σ_j step_oj²/12 · C_jj.
+    For quantized factors, s·B_q·A_q − s·B·A ≈ s·(N_B A + B N_A) to first order, whose expectation is
+    s² [Σ_o Σ_i stepB_oi²/12 · (A C Aᵀ)_ii + Σ_i (Σ_j stepA_ij²/12 · C_jj) · ‖B_:i‖²]; the N_B N_A term is
+    second order and dropped. Returns None for methods that do not round.
+    """
+    if not approx.steps:
+        return None
+    C = C.to(torch.float64)
+    diag = torch.diagonal(C)  # (in,)
+    if "W" in approx.steps:
+        step = approx.steps["W"].to(torch.float64)
+        return float((step.square() @ diag).sum() / 12.0)
+    B = target.B.to(torch.float64)
+    A = target.A.to(torch.float64)
+    step_B = approx.steps["B"].to(torch.float64)  # (out, r)
+    step_A = approx.steps["A"].to(torch.float64)  # (r, in)
+    G_diag = torch.einsum("ij,jk,ik->i", A, C, A)  # (r,): (A C Aᵀ)_ii
+    from_B = float((step_B.square() @ G_diag).sum()) / 12.0
+    from_A = float(((step_A.square() @ diag) * B.square().sum(dim=0)).sum()) / 12.0
+    return target.scale ** 2 * (from_B + from_A)
+
+
+class OutputErrorStats:
+    """Streaming statistics of ΔY = Ŷ − Y on held-out tokens, on the device the batches arrive on."""
+
+    def __init__(self, device: Any, entry_rms: float, entry_histogram: bool = True) -> None:
+        f64 = {"dtype": torch.float64, "device": device}
+        self.entry_rms = entry_rms if entry_rms > 0 else 1.0
+        self.tokens = 0
+        self.sum_sq = torch.zeros((), **f64)
+        self.power_sums = torch.zeros(5, **f64)  # n, Σe, Σe², Σe³, Σe⁴ over entries of ΔY
+        self.max_abs = torch.zeros((), **f64)
+        self.min_cos = torch.full((), math.inf, **f64)
+        self.token_max = torch.zeros((), **f64)
+        self.token_hist = torch.zeros(TOKEN_BINS, **f64)
+        # The entry histogram is the costliest statistic (one bin index per output entry): only kept for the
+        # methods that are plotted.
+        self.entry_hist = torch.zeros(ENTRY_BINS, **f64) if entry_histogram else None
+
+    @torch.no_grad()
+    def update(self, y: torch.Tensor, dy: torch.Tensor, y_sq: torch.Tensor | None = None) -> None:
+        """Add a batch: y (T, out) the target outputs, dy (T, out) the errors.
+
+        Entry-wise work runs in float32 (it dominates the cost); per-token scalars and running sums are float64.
+        The cosine is formed from ‖y‖², <y, Δy> and ‖Δy‖² per token, so ŷ = y + Δy is never materialised and
+        1 − cos stays accurate when Δy is tiny.
+        """
+        if dy.shape[0] == 0:
+            return
+        self.tokens += dy.shape[0]
+        dy32 = dy.to(torch.float32)
+        y32 = y.to(torch.float32)
+        y_sq = y32.square().sum(dim=1, dtype=torch.float64) if y_sq is None else y_sq  # (T,)
+        e2 = dy32.square()
+        err_sq = e2.sum(dim=1, dtype=torch.float64)  # (T,)
+        cross = (y32 * dy32).sum(dim=1, dtype=torch.float64)  # (T,)
+        self.sum_sq += err_sq.sum()
+        self.power_sums += torch.stack([
+            torch.tensor(float(dy.numel()), dtype=torch.float64, device=dy.device),
+            dy32.sum(dtype=torch.float64), err_sq.sum(), (e2 * dy32).sum(dtype=torch.float64),
+            e2.square().sum(dtype=torch.float64)])
+        self.max_abs = torch.maximum(self.max_abs, dy32.abs().max().to(torch.float64))
+        tiny = torch.finfo(torch.float64).tiny
+        y_hat_sq = (y_sq + 2 * cross + err_sq).clamp_min(0)
+        denominator = (y_sq * y_hat_sq).sqrt()
+        # A token whose approximated output vanishes (ŷ ≈ 0, e.g. at rank 1) has cosine 0, not ±rounding/tiny.
+        cos = torch.where(denominator > 1e-12 * y_sq, (y_sq + cross) / denominator.clamp_min(tiny),
+                          torch.zeros_like(y_sq)).clamp(-1.0, 1.0)
+        self.min_cos = torch.minimum(self.min_cos, cos.min())
+        token_err = (err_sq / y_sq.clamp_min(tiny)).sqrt()
+        self.token_max = torch.maximum(self.token_max, token_err.max())
+        self.token_hist += _log_hist(token_err, TOKEN_BINS, TOKEN_LOG_RANGE)
+        if self.entry_hist is not None:
+            self.entry_hist += _log_hist(dy32.abs().flatten() / self.entry_rms, ENTRY_BINS, ENTRY_LOG_RANGE)
+
+    def percentile(self, q: float) -> float:
+        """The q-quantile (0..1) of the per-token relative error, from the histogram (log-interpolated)."""
+        return _hist_quantile(self.token_hist, q, TOKEN_LOG_RANGE, float(self.token_max))
+
+    def kurtosis(self) -> float:
+        """Excess kurtosis of the entries of ΔY (0 for Gaussian, -1.2 for uniform, large for spiky errors)."""
+        n, s1, s2, s3, s4 = (float(v) for v in self.power_sums)
+        if n == 0:
+            return math.nan
+        mean = s1 / n
+        m2 = s2 / n - mean ** 2
+        m4 = s4 / n - 4 * mean * s3 / n + 6 * mean ** 2 * s2 / n - 3 * mean ** 4
+        if m2 <= 0:
+            return math.nan
+        return m4 / m2 ** 2 - 3.0
+
+    def summary(self) -> dict[str, float]:
+        if self.tokens == 0:
+            nan = math.nan
+            return {"worst_token_cosine": nan, "max_abs_error": nan, "token_error_p50": nan,
+                    "token_error_p99": nan, "token_error_max": nan, "kurtosis": nan}
+        return {
+            "worst_token_cosine": float(self.min_cos),
+            "max_abs_error": float(self.max_abs),
+            "token_error_p50": self.percentile(0.50),
+            "token_error_p99": self.percentile(0.99),
+            "token_error_max": float(self.token_max),
+            "kurtosis": self.kurtosis(),
+        }
+
+
+def _log_hist(values: torch.Tensor, bins: int, log_range: tuple[float, float]) -> torch.Tensor:
+    """Counts of log10(values) in ``bins`` equal bins over ``log_range`` (out-of-range values go to the ends)."""
+    low, high = log_range
+    logs = torch.log10(values.clamp_min(10.0 ** low)).clamp(low, high)
+    index = ((logs - low) / (high - low) * bins).long().clamp_(0, bins - 1)
+    return torch.bincount(index, minlength=bins).to(torch.float64)
+
+
+def _hist_quantile(hist: torch.Tensor, q: float, log_range: tuple[float, float], maximum: float) -> float:
+    total = float(hist.sum())
+    if total == 0:
+        return math.nan
+    cumulative = torch.cumsum(hist, 0).cpu()
+    wanted = q * total
+    index = int(torch.searchsorted(cumulative, torch.tensor(wanted, dtype=torch.float64)))
+    index = min(index, hist.numel() - 1)
+    before = float(cumulative[index - 1]) if index > 0 else 0.0
+    inside = float(hist[index])
+    fraction = (wanted - before) / inside if inside > 0 else 0.0
+    low, high = log_range
+    width = (high - low) / hist.numel()
+    return min(10.0 ** (low + (index + fraction) * width), maximum)
+
+
+def entry_histogram_edges() -> list[float]:
+    """Bin edges (in units of rms(Y)) of ``OutputErrorStats.entry_hist``."""
+    low, high = ENTRY_LOG_RANGE
+    return [10.0 ** (low + i * (high - low) / ENTRY_BINS) for i in range(ENTRY_BINS + 1)]

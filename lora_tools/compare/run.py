@@ -1,0 +1,533 @@
+"""``compare-quant``: truncation vs rounding, measured on real layer outputs, as a report dict.
+
+Plan (``prepare_compare``): resolve the layers, load the base model and tokenize the calibration text, split the
+sequences into calibration and held-out parts. Run (``CompareJob.run``):
+
+1. forward the calibration sequences (adapter applied by hooks for ``delta``/``merged``) and accumulate
+   C_calib = Σ x xᵀ per layer;
+2. fit every method per layer from the weights (and C_calib for ``svd-act``);
+3. forward the held-out sequences: accumulate C_holdout and stream per-token statistics of every method's ΔY;
+4. finalize per layer: Frobenius errors from C_calib / C_holdout, error structure, noise-model prediction, the
+   built-in check that ``svd-act``'s calibration error equals the eigenvalue tail.
+
+Nothing fitted ever sees the held-out split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_tools import __version__
+from lora_tools.adapter import Adapter, LoraModule
+from lora_tools.capture import (
+    CovarianceAccumulator,
+    holdout_split,
+    lora_hooks,
+    random_inputs,
+    read_documents,
+    run_model,
+    split_tokens,
+    tokenize_documents,
+)
+from lora_tools.compare.methods import (
+    Approximation,
+    OutputEigen,
+    Target,
+    activation_aware,
+    equal_budget_rank,
+    output_eigen,
+    quantize_target,
+    svd_truncation,
+    target_svd,
+)
+from lora_tools.compare.metrics import (
+    EnergyContext,
+    OutputErrorStats,
+    _hist_quantile,
+    approximation_error_structure,
+    entry_histogram_edges,
+    rel_error,
+    snr_db,
+    uniform_noise_prediction,
+)
+from lora_tools.errors import InvalidOptionError, LoraToolsError, ModuleMismatchError
+from lora_tools.quant import DEFAULT_SCHEMES, QuantScheme, get_scheme
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("delta", "merged", "base")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_RANKS = {"delta": (1, 2, 4, 8), "merged": (8, 32, 128), "base": (8, 32, 128)}
+CAPTURE_KINDS = ("linear", "conv1d")  # layers whose input a forward hook sees as (..., in)
+# Relative tolerance of the built-in check: svd-act's calibration error² vs the eigenvalue tail (both float64).
+OPTIMAL_CHECK_RTOL = 1e-6
+
+
+@dataclass
+class CompareOptions:
+    target: str = "delta"
+    ranks: tuple[int, ...] | None = None  # None: DEFAULT_RANKS[target]
+    schemes: tuple[str, ...] = DEFAULT_SCHEMES
+    calib: str | Path | None = None  # None: bundled corpus; "random": Gaussian inputs; else a text file
+    max_tokens: int = 8192
+    holdout: float = 0.25
+    device: str = "auto"
+    dtype: str = "fp32"
+    batch_size: int = 32
+    max_length: int = 128
+    seed: int = 0
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidOptionError("--device cuda: CUDA is not available here (no GPU, or a CPU-only torch "
+                                 f"{torch.__version__}); use --device cpu or --device auto")
+    if device not in ("cpu", "cuda"):
+        raise InvalidOptionError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    return torch.device(device)
+
+
+def parse_ranks(text: str | None) -> tuple[int, ...] | None:
+    """'1,2,4' -> (1, 2, 4); every rank must be a positive integer."""
+    if text is None or not text.strip():
+        return None
+    ranks = []
+    for part in text.split(","):
+        try:
+            rank = int(part.strip())
+        except ValueError:
+            raise InvalidOptionError(f"--ranks: {part.strip()!r} is not an integer (e.g. --ranks 1,2,4,8)") \
+                from None
+        if rank <= 0:
+            raise InvalidOptionError(f"--ranks: rank must be positive, got {rank}")
+        ranks.append(rank)
+    return tuple(sorted(set(ranks)))
+
+
+def parse_schemes(text: str | None) -> tuple[str, ...]:
+    if text is None or not text.strip():
+        return DEFAULT_SCHEMES
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    return tuple(dict.fromkeys(get_scheme(name).name for name in names))
+
+
+@dataclass
+class Layer:
+    """One compared layer and everything accumulated for it."""
+
+    name: str
+    lora: LoraModule | None
+    target: Target
+    model_name: str | None = None
+    calib: CovarianceAccumulator | None = None
+    holdout: CovarianceAccumulator | None = None
+    approximations: list[Approximation] = field(default_factory=list)
+    stats: list[OutputErrorStats] = field(default_factory=list)
+    optimal: list[float] = field(default_factory=list)  # sqrt(tail_k)/‖Y‖ on calibration, k = 0..max_rank
+    eigen: OutputEigen | None = None
+    entries: list[tuple[int, str | None]] = field(default_factory=list)  # result rows: (approximation, budget)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CompareJob:
+    """A prepared comparison: call ``run`` (``steps`` progress units: sequences forwarded + layers fitted)."""
+
+    options: CompareOptions
+    device: torch.device
+    layers: list[Layer]
+    schemes: list[QuantScheme]
+    ranks: tuple[int, ...]
+    adapter: Adapter | None
+    base_path: Path | None
+    model: Any = None
+    pad_id: int = 0
+    calib_sequences: list[list[int]] = field(default_factory=list)
+    holdout_sequences: list[list[int]] = field(default_factory=list)
+    calib_description: str = ""
+    unmatched: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    modules: dict[str, torch.nn.Module] = field(default_factory=dict)
+
+    @property
+    def random(self) -> bool:
+        return self.model is None
+
+    @property
+    def steps(self) -> int:
+        forwarded = len(self.calib_sequences) + len(self.holdout_sequences) if not self.random else 2 * len(
+            self.layers)
+        return forwarded + len(self.layers)
+
+    @torch.no_grad()
+    def run(self, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+        advance = progress or (lambda n: None)
+        for layer in self.layers:
+            dim = layer.target.shape[1]
+            layer.calib = CovarianceAccumulator(dim, self.device)
+            layer.holdout = CovarianceAccumulator(dim, self.device)
+        by_name = {layer.name: layer for layer in self.layers}
+
+        def on_calib(name: str, x: torch.Tensor) -> None:
+            by_name[name].calib.update(x)
+
+        self._forward(self.calib_sequences, on_calib, advance, seed=self.options.seed)
+        for layer in self.layers:
+            self._fit(layer)
+            advance(1)
+
+        def on_holdout(name: str, x: torch.Tensor) -> None:
+            layer = by_name[name]
+            layer.holdout.update(x)
+            x64 = x.to(torch.float64)
+            y = layer.target.apply(x64)  # (T, out)
+            y_sq = y.square().sum(dim=1)  # (T,)
+            for approx, stats in zip(layer.approximations, layer.stats, strict=True):
+                # ΔY in float64: Ŷ and Y agree to ~1e-3 for int8, and a float32 difference would lose digits.
+                stats.update(y, approx.apply(x64) - y, y_sq)
+
+        self._forward(self.holdout_sequences, on_holdout, advance, seed=self.options.seed + 1)
+        return self._report()
+
+    # --- the three stages ------------------------------------------------------------------------------------
+
+    def _forward(self, sequences: list[list[int]], callback: Callable[[str, torch.Tensor], None],
+                 advance: Callable[[int], None], seed: int) -> None:
+        if self.random:
+            calib_tokens, holdout_tokens = split_tokens(self.options.max_tokens, self.options.holdout)
+            tokens = calib_tokens if seed == self.options.seed else holdout_tokens
+            dims = {layer.name: layer.target.shape[1] for layer in self.layers}
+            random_inputs(dims, tokens, callback, seed=seed, device=self.device)
+            advance(len(self.layers))
+            return
+        if not sequences:
+            return
+        factors = {}
+        if self.options.target != "base":
+            # The inputs of every layer are those of the adapted model (earlier layers' LoRA included).
+            dtype = next(self.model.parameters()).dtype
+            for layer in self.layers:
+                B, A = self.adapter.factors(layer.name)
+                factors[layer.name] = (B.to(self.device, dtype), A.to(self.device, dtype), layer.lora.scale)
+        with lora_hooks(self.modules, factors) if factors else contextlib.nullcontext():
+            run_model(self.model, self.modules, sequences, callback, pad_id=self.pad_id,
+                      batch_size=self.options.batch_size, device=self.device, progress=advance)
+
+    def _fit(self, layer: Layer) -> None:
+        target = layer.target
+        C = layer.calib.gram
+        eigen = output_eigen(target, C)
+        total = eigen.total_energy
+        layer.optimal = [math.sqrt(eigen.tail_energy(k) / total) if total > 0 else math.nan
+                         for k in range(target.max_rank + 1)]
+        svd = target_svd(target)
+        approximations: list[Approximation] = []
+        entries: list[tuple[int, str | None]] = []  # (index into approximations, equal_budget_to)
+        lowrank: dict[tuple[str, int], int] = {}
+
+        def add_lowrank(rank: int, equal_budget_to: str | None) -> None:
+            # An equal-budget rank that is also a --ranks rank reuses that approximation (and its statistics).
+            for method, build in (("svd", lambda: svd_truncation(target, svd, rank)),
+                                  ("svd-act", lambda: activation_aware(target, eigen, rank))):
+                if (method, rank) not in lowrank:
+                    lowrank[(method, rank)] = len(approximations)
+                    approximations.append(build())
+                entries.append((lowrank[(method, rank)], equal_budget_to))
+
+        for scheme in self.schemes:
+            entries.append((len(approximations), None))
+            approximations.append(quantize_target(target, scheme))
+        quantized = list(approximations)
+        for rank in self.ranks:
+            if rank > target.max_rank:
+                layer.notes.append(f"rank {rank} skipped: exceeds the layer's rank {target.max_rank}")
+                continue
+            add_lowrank(rank, None)
+        for approx in quantized:
+            add_lowrank(equal_budget_rank(target.shape, approx.bytes, target.max_rank), approx.method)
+        layer.entries = entries
+        layer.approximations = approximations
+        # rms of one output entry on calibration: the unit of the error-entry histogram.
+        entry_rms = math.sqrt(total / max(layer.calib.tokens * target.shape[0], 1))
+        plotted = {i for i, budget in entries if budget is not None or approximations[i].steps}
+        layer.stats = [OutputErrorStats(self.device, entry_rms, entry_histogram=i in plotted)
+                       for i in range(len(approximations))]
+        layer.eigen = eigen  # kept for the built-in check in _finalize
+
+    def _finalize(self, layer: Layer) -> dict[str, Any]:
+        target = layer.target
+        C_calib, C_hold = layer.calib.gram, layer.holdout.gram
+        has_hold = layer.holdout.tokens > 0
+        W = target.dense(torch.float64).to(self.device)  # (out, in)
+        calib_ctx = EnergyContext(target, C_calib, W)
+        hold_ctx = EnergyContext(target, C_hold, W)
+        y_calib, y_hold = calib_ctx.y, hold_ctx.y
+        eigen = layer.eigen
+        computed = []
+        for approx, stats in zip(layer.approximations, layer.stats, strict=True):
+            err_calib, _, _ = calib_ctx.energies(approx)
+            err_hold, y_hat_hold, inner = hold_ctx.energies(approx)
+            if approx.method == "svd-act":
+                expected = eigen.tail_energy(approx.rank)
+                if abs(err_calib - expected) > OPTIMAL_CHECK_RTOL * y_calib + 1e-300:
+                    raise LoraToolsError(
+                        f"internal check failed for {layer.name}: svd-act error² {err_calib:.6g} at rank "
+                        f"{approx.rank} differs from the eigenvalue tail {expected:.6g}")
+            stable_rank, top1 = approximation_error_structure(target, approx, W)
+            predicted = uniform_noise_prediction(approx, target, C_hold if has_hold else C_calib)
+            measured = err_hold if has_hold else err_calib
+            computed.append({
+                "method": approx.method,
+                "rank": approx.rank,
+                "bytes": approx.bytes,
+                "bits_per_param": 8.0 * approx.bytes / target.params,
+                "rel_error": rel_error(y_hold, err_hold) if has_hold else math.nan,
+                "rel_error_calib": rel_error(y_calib, err_calib),
+                "snr_db": snr_db(y_hold, err_hold) if has_hold else math.nan,
+                "cosine": inner / math.sqrt(y_hold * y_hat_hold) if y_hold > 0 and y_hat_hold > 0 else math.nan,
+                **stats.summary(),
+                "error_stable_rank": stable_rank,
+                "error_top1_energy": top1,
+                "uniform_noise_ratio": (measured / predicted if predicted else math.nan)
+                if predicted is not None else None,
+                "_energy": (y_hold, err_hold, y_calib, err_calib, inner, y_hat_hold),
+            })
+        results = []
+        for index, budget in layer.entries:
+            base = computed[index]
+            label = f"{base['method']}@{budget}" if budget else layer.approximations[index].label
+            results.append({"label": label, "method": base["method"], "rank": base["rank"],
+                            "equal_budget_to": budget, **{k: v for k, v in base.items()
+                                                          if k not in ("method", "rank")}})
+        return {
+            "name": layer.name,
+            "model_module": layer.model_name,
+            "kind": layer.lora.kind if layer.lora else "linear",
+            "shape": list(target.shape),
+            "params": target.params,
+            "reference_bytes": target.reference_bytes,
+            "optimal_rel_error_calib": layer.optimal,
+            "notes": layer.notes,
+            "results": results,
+        }
+
+    def _report(self) -> dict[str, Any]:
+        layers = [self._finalize(layer) for layer in self.layers]
+        aggregate, histograms = _aggregate(layers, self.layers)
+        for row in layers:
+            for result in row["results"]:
+                result.pop("_energy")
+        first = self.layers[0] if self.layers else None
+        return {
+            "tool": f"loratools {__version__}",
+            "base_model": str(self.base_path) if self.base_path else None,
+            "adapter": str(self.adapter.path) if self.adapter else None,
+            "target": self.options.target,
+            "device": str(self.device),
+            "dtype": self.options.dtype,
+            "calib": self.calib_description,
+            "calib_tokens": first.calib.tokens if first else 0,
+            "holdout_tokens": first.holdout.tokens if first else 0,
+            "calib_sequences": len(self.calib_sequences),
+            "holdout_sequences": len(self.holdout_sequences),
+            "holdout_fraction": self.options.holdout,
+            "ranks": list(self.ranks),
+            "schemes": [s.name for s in self.schemes],
+            "unmatched_modules": self.unmatched,
+            "skipped_modules": self.skipped,
+            "layers": layers,
+            "aggregate": aggregate,
+            "summary": _summary(layers, aggregate, [s.name for s in self.schemes]),
+            "error_histograms": histograms,
+        }
+
+
+def _aggregate(rows: list[dict[str, Any]], layers: list[Layer]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per method label over all layers: energies summed (so errors are ‖ΔY‖/‖Y‖ of all layers stacked)."""
+    groups: dict[str, dict[str, Any]] = {}
+    for row, layer in zip(rows, layers, strict=True):
+        entry_stats = [layer.stats[index] for index, _ in layer.entries]
+        for result, stats in zip(row["results"], entry_stats, strict=True):
+            g = groups.setdefault(result["label"], {
+                "label": result["label"], "method": result["method"], "ranks": set(),
+                "equal_budget_to": result["equal_budget_to"], "bytes": 0, "params": 0, "energy": [0.0] * 6,
+                "worst": math.inf, "max_abs": 0.0, "token_hist": None, "entry_hist": None, "token_max": 0.0,
+                "noise": [0.0, 0.0]})
+            g["ranks"].add(result["rank"])
+            g["bytes"] += result["bytes"]
+            g["params"] += row["params"]
+            g["energy"] = [a + b for a, b in zip(g["energy"], result["_energy"], strict=True)]
+            if result["worst_token_cosine"] == result["worst_token_cosine"]:
+                g["worst"] = min(g["worst"], result["worst_token_cosine"])
+                g["max_abs"] = max(g["max_abs"], result["max_abs_error"])
+                g["token_max"] = max(g["token_max"], result["token_error_max"])
+            hist = stats.token_hist.cpu()
+            g["token_hist"] = hist if g["token_hist"] is None else g["token_hist"] + hist
+            if stats.entry_hist is not None:
+                entry = stats.entry_hist.cpu()
+                g["entry_hist"] = entry if g["entry_hist"] is None else g["entry_hist"] + entry
+            ratio = result["uniform_noise_ratio"]
+            if ratio is not None and ratio == ratio and ratio > 0:
+                g["noise"][0] += result["_energy"][1]
+                g["noise"][1] += result["_energy"][1] / ratio
+    aggregate = []
+    histograms: dict[str, Any] = {"unit": "|ΔY entry| / rms(Y entry)", "edges": entry_histogram_edges(),
+                                  "counts": {}}
+    from lora_tools.compare.metrics import TOKEN_LOG_RANGE
+
+    for label, g in groups.items():
+        y_hold, err_hold, y_calib, err_calib, inner, y_hat = g["energy"]
+        ranks = g["ranks"]
+        has_hold = float(g["token_hist"].sum()) > 0
+        aggregate.append({
+            "label": label,
+            "method": g["method"],
+            "rank": next(iter(ranks)) if len(ranks) == 1 else None,
+            "equal_budget_to": g["equal_budget_to"],
+            "bytes": g["bytes"],
+            "bits_per_param": 8.0 * g["bytes"] / g["params"],
+            "rel_error": rel_error(y_hold, err_hold) if has_hold else math.nan,
+            "rel_error_calib": rel_error(y_calib, err_calib),
+            "snr_db": snr_db(y_hold, err_hold) if has_hold else math.nan,
+            "cosine": inner / math.sqrt(y_hold * y_hat) if y_hold > 0 and y_hat > 0 else math.nan,
+            "worst_token_cosine": g["worst"] if has_hold else math.nan,
+            "max_abs_error": g["max_abs"] if has_hold else math.nan,
+            "token_error_p50": _hist_quantile(g["token_hist"], 0.5, TOKEN_LOG_RANGE, g["token_max"]),
+            "token_error_p99": _hist_quantile(g["token_hist"], 0.99, TOKEN_LOG_RANGE, g["token_max"]),
+            "uniform_noise_ratio": g["noise"][0] / g["noise"][1] if g["noise"][1] > 0 else None,
+        })
+        if g["entry_hist"] is not None:
+            histograms["counts"][label] = [float(c) for c in g["entry_hist"]]
+    return aggregate, histograms
+
+
+def _summary(layers: list[dict[str, Any]], aggregate: list[dict[str, Any]],
+             schemes: list[str]) -> list[dict[str, Any]]:
+    """For each layer (and all layers together) and scheme: the scheme vs SVD at equal bytes, winner and factor."""
+
+    def compare(results: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+        by_label = {r["label"]: r for r in results}
+        out = []
+        for scheme in schemes:
+            quant = by_label.get(scheme)
+            svd = by_label.get(f"svd@{scheme}")
+            act = by_label.get(f"svd-act@{scheme}")
+            if quant is None or svd is None:
+                continue
+            q_err, s_err = quant["rel_error"], svd["rel_error"]
+            if not (q_err == q_err and s_err == s_err):  # no held-out tokens: fall back to calibration
+                q_err, s_err = quant["rel_error_calib"], svd["rel_error_calib"]
+            winner = scheme if q_err <= s_err else "svd"
+            low, high = sorted((q_err, s_err))
+            out.append({
+                "layer": name, "scheme": scheme, "bytes": quant["bytes"], "svd_rank": svd["rank"],
+                "svd_bytes": svd["bytes"], "scheme_rel_error": q_err, "svd_rel_error": s_err,
+                "svd_act_rel_error": act["rel_error"] if act else None,
+                "winner": winner, "factor": high / low if low > 0 else math.inf,
+            })
+        return out
+
+    rows = []
+    for layer in layers:
+        rows.extend(compare(layer["results"], layer["name"]))
+    rows.extend(compare(aggregate, "all layers"))
+    return rows
+
+
+# --- preparation ------------------------------------------------------------------------------------------------
+
+
+def prepare_compare(adapter: Adapter | None, base: Path | None, options: CompareOptions) -> CompareJob:
+    """Validate options, pick layers, load what is needed and tokenize: everything but the computation."""
+    if options.target not in TARGETS:
+        raise InvalidOptionError(f"unknown target {options.target!r}; choose one of {', '.join(TARGETS)}")
+    if options.dtype not in DTYPES:
+        raise InvalidOptionError(f"unknown dtype {options.dtype!r}; choose one of {', '.join(DTYPES)}")
+    if options.max_tokens <= 0:
+        raise InvalidOptionError(f"--max-tokens must be positive, got {options.max_tokens}")
+    if not 0.0 <= options.holdout < 1.0:
+        raise InvalidOptionError(f"--holdout must be in [0, 1), got {options.holdout}")
+    ranks = options.ranks if options.ranks is not None else DEFAULT_RANKS[options.target]
+    if any(r <= 0 for r in ranks):
+        raise InvalidOptionError(f"--ranks: rank must be positive, got {min(ranks)}")
+    schemes = [get_scheme(name) for name in options.schemes]
+    device = resolve_device(options.device)
+    if adapter is None:
+        raise InvalidOptionError("compare-quant needs an adapter (its modules choose the layers compared)")
+    is_random = isinstance(options.calib, str) and options.calib == "random"
+    documents = None
+    if not is_random:
+        from lora_tools.data import calib_corpus_path
+
+        calib_path = Path(options.calib) if options.calib is not None else calib_corpus_path()
+        documents = read_documents(calib_path)  # validate the text before loading a model
+    job = CompareJob(options, device, [], schemes, tuple(ranks), adapter, None)
+    needs_model = not is_random or options.target != "delta"
+    if needs_model:
+        from lora_tools.basemodel import load_base, match_modules, resolve_base
+
+        job.base_path = resolve_base(adapter, base)
+        model, tokenizer = load_base(job.base_path, device, DTYPES[options.dtype], need_tokenizer=not is_random)
+        mapping = match_modules(model, list(adapter.modules))
+        job.unmatched = mapping.unmatched
+        if not mapping.modules:
+            sample = ", ".join(list(adapter.modules)[:2])
+            raise ModuleMismatchError(f"{job.base_path}: none of the adapter's modules ({sample}, ...) exist in "
+                                      "the base model; is --base the model this adapter was trained on?")
+    job.layers = _build_layers(job, adapter, mapping if needs_model else None, is_random)
+    if not job.layers:
+        raise ModuleMismatchError(f"{adapter.path}: no module of a supported kind to compare "
+                                  f"(supported: {', '.join(CAPTURE_KINDS)})")
+    if is_random:
+        job.calib_description = "random: isotropic Gaussian inputs N(0, I) (no base model run)"
+        return job
+    job.model = model
+    job.pad_id = int(tokenizer.pad_token_id)
+    corpus = tokenize_documents(tokenizer, documents, options.max_tokens, options.max_length)
+    calib_idx, holdout_idx = holdout_split(len(corpus.sequences), options.holdout, options.seed)
+    job.calib_sequences = [corpus.sequences[i] for i in calib_idx]
+    job.holdout_sequences = [corpus.sequences[i] for i in holdout_idx]
+    job.calib_description = ("bundled: Python standard-library docstrings (lora_tools/data/calib_corpus.txt)"
+                             if options.calib is None else f"file: {options.calib}")
+    job.modules = {layer.name: mapping.modules[layer.name] for layer in job.layers}
+    return job
+
+
+def _build_layers(job: CompareJob, adapter: Adapter, mapping: Any, is_random: bool) -> list[Layer]:
+    from lora_tools.basemodel import base_weight
+
+    layers = []
+    target_kind = job.options.target
+    for name, lora in adapter.modules.items():
+        if not is_random and lora.kind not in CAPTURE_KINDS:
+            job.skipped.append(f"{name} ({lora.kind}: input capture handles {', '.join(CAPTURE_KINDS)} layers)")
+            continue
+        if mapping is not None and name not in mapping.modules:
+            continue
+        shape = (lora.out_features, lora.in_features)
+        W0 = base_weight(mapping.modules[name], lora).to(job.device) if mapping is not None else None
+        if W0 is not None and lora.kind not in CAPTURE_KINDS:
+            job.skipped.append(f"{name} ({lora.kind})")
+            continue
+        if target_kind == "base":
+            target = Target(shape, weight=W0)
+        else:
+            B, A = adapter.factors(name, torch.float32)  # B: (out, r), A: (r, in)
+            B, A = B.to(job.device), A.to(job.device)
+            if target_kind == "delta":
+                target = Target(shape, B=B, A=A, scale=lora.scale)
+            else:
+                target = Target(shape, weight=W0 + lora.scale * (B @ A))
+        layer = Layer(name, lora, target, model_name=mapping.model_names[name] if mapping is not None else None)
+        layers.append(layer)
+    return layers
