@@ -129,13 +129,13 @@ def run(adapter_dir: Path, layers: int, repeats: int) -> tuple[str, dict]:
     return table, {"ok": ok, "speedup": speedup}
 
 
-def write_report(report: Path, command: str, table: str) -> None:
-    """Replace (or append) the section ``SECTION_TITLE`` in ``report``, leaving other sections alone."""
+def write_report(report: Path, command: str, table: str, title: str = SECTION_TITLE) -> None:
+    """Replace (or append) the section ``title`` in ``report``, leaving other sections alone."""
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = f"{SECTION_TITLE}\n\nDate: {now}\n\nCommand (from the repository root):\n\n```\n{command}\n```\n\n{table}\n"
+    section = f"{title}\n\nDate: {now}\n\nCommand (from the repository root):\n\n```\n{command}\n```\n\n{table}\n"
     text = report.read_text() if report.exists() else "# Benchmarks\n"
     lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION_TITLE), None)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == title), None)
     if start is None:
         new_text = text.rstrip("\n") + "\n\n" + section
     else:
@@ -144,7 +144,7 @@ def write_report(report: Path, command: str, table: str) -> None:
         new_text = "".join(lines[:start]) + section + ("\n" + after if after else "")
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(new_text)
-    print(f"updated section '{SECTION_TITLE}' in {report}")
+    print(f"updated section '{title}' in {report}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,11 @@ _LAZY = {
     "spectrum_metrics": ("lora_tools.linalg", "spectrum_metrics"),
     "inspect_adapter": ("lora_tools.analysis", "inspect_adapter"),
     "example_adapter_path": ("lora_tools.data", "example_adapter_path"),
+    "merge_adapters": ("lora_tools.merge.run", "merge_adapters"),
+    "similarity": ("lora_tools.similarity", "similarity"),
+    "convert": ("lora_tools.convert.run", "convert"),
+    "fold": ("lora_tools.fold", "fold"),
+    "extract": ("lora_tools.extract", "extract"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -56,11 +56,9 @@ def check_not_input(path: Path, inputs: tuple[Path, ...]) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it takes ``path``'s place.
+    """Yield a temporary folder beside ``path``; on success it takes ``path``'s place (``move_into_place``).
 
-    A folder cannot be swapped in one rename over an existing one, so with ``force`` the old entry is first
-    renamed aside and removed only after the new folder is in place; if the second rename fails the old one is
-    put back. On any exception the temporary folder is removed and ``path`` is left as it was.
+    On any exception the temporary folder is removed and ``path`` is left as it was.
     """
     import shutil
 
@@ -68,22 +66,36 @@ def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        old: Path | None = None
-        if path.exists() or path.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            old.rmdir()
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if old is not None:
-                os.replace(old, path)
-            raise
-        if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
+        move_into_place(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def move_into_place(staged: Path, path: Path) -> None:
+    """Put a finished file or folder ``staged`` (in ``path``'s folder) at ``path``, replacing what is there.
+
+    A folder cannot be swapped in one rename over an existing entry, so the old one is renamed aside first and
+    removed only after the new one is in place; if the second rename fails the old one is put back.
+    """
+    import shutil
+
+    if staged.is_file() and not (path.is_dir() and not path.is_symlink()):
+        os.replace(staged, path)
+        return
+    old: Path | None = None
+    if path.exists() or path.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        old.rmdir()
+        os.replace(path, old)
+    try:
+        os.replace(staged, path)
+    except OSError:
+        if old is not None:
+            os.replace(old, path)
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()

@@ -13,13 +13,25 @@ from lora_tools import __version__
 COMMANDS = {
     "inspect": ("lora_tools.cli.inspect_cmd", "inspect_command"),
     "spectrum": ("lora_tools.cli.spectrum_cmd", "spectrum_command"),
+    "compare-quant": ("lora_tools.cli.compare_quant_cmd", "compare_quant_command"),
     "truncate": ("lora_tools.cli.truncate_cmd", "truncate_command"),
+    "merge": ("lora_tools.cli.merge_cmd", "merge_command"),
+    "similarity": ("lora_tools.cli.similarity_cmd", "similarity_command"),
+    "convert": ("lora_tools.cli.convert_cmd", "convert_command"),
+    "fold": ("lora_tools.cli.fold_cmd", "fold_command"),
+    "extract": ("lora_tools.cli.fold_cmd", "extract_command"),
 }
 
 SHORT_HELP = {
     "inspect": "Structure, scales and exact spectra of every module of an adapter.",
     "spectrum": "Singular values per module, optionally plotted.",
+    "compare-quant": "SVD truncation vs INT8/INT4 quantization, measured on real layer outputs.",
     "truncate": "Best rank-k approximation of every module (fixed, energy, dynamic, global budget).",
+    "merge": "Merge adapters: exact cat/svd from the factors, or TIES, DARE, magnitude, rank1-topk.",
+    "similarity": "Subspace similarity (Hu et al. 2021) and cosine of two adapters' updates, per module.",
+    "convert": "Lossless, verified conversion between PEFT, kohya and diffusers.",
+    "fold": "Fold an adapter into the base weights (W0 + s·B·A, like PEFT's merge_and_unload).",
+    "extract": "Extract a LoRA adapter from a fine-tuned model: best rank-R approximation of W_ft − W0.",
 }
 
 

@@ -128,7 +128,12 @@ def write(adapter: Adapter, path: Path, *, force: bool = False) -> Path:
         alpha = module.scale * module.rank
         tensors[f"{flat}.lora_down.weight"] = adapter.source.get(module.a_info.key)  # (r, in[, kh, kw])
         tensors[f"{flat}.lora_up.weight"] = adapter.source.get(module.b_info.key)  # (out, r[, 1, 1])
-        tensors[f"{flat}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        stored = adapter.source.get(module.alpha_key) if module.alpha_key else None
+        if stored is not None and stored.numel() == 1 and abs(float(stored) - alpha) <= 1e-9 * abs(alpha):
+            # The input's own alpha tensor already holds this value: keep it, dtype included (round trips).
+            tensors[f"{flat}.alpha"] = stored
+        else:
+            tensors[f"{flat}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
         if module.magnitude_key:
             tensors[f"{flat}.dora_scale"] = adapter.source.get(module.magnitude_key)
         ranks.add(module.rank)

@@ -53,3 +53,27 @@ def _kind_label(name: str) -> str:
     digits = [i for i, p in enumerate(parts) if p.isdigit()]
     tail = parts[digits[-1] + 1:] if digits else parts[-1:]
     return ".".join(tail) or name
+
+
+def plot_similarity(row: dict[str, Any], path: Path, force: bool = False) -> None:
+    """Heat-maps of φ(i, j) for one module: left (output) and right (input) singular subspaces side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), dpi=120)
+    for ax, key, title in ((axes[0], "phi_left", "left singular vectors (U)"),
+                           (axes[1], "phi_right", "right singular vectors (V)")):
+        grid = row[key]
+        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", origin="upper",
+                          extent=(0.5, len(grid[0]) + 0.5, len(grid) + 0.5, 0.5))
+        ax.set_xlabel("j (top-j of B)")
+        ax.set_ylabel("i (top-i of A)")
+        ax.set_title(f"φ(i, j), {title}", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.suptitle(f"Subspace similarity (Hu et al. 2021) — {row['name']}", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path, force=force) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

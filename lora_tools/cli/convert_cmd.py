@@ -1,0 +1,58 @@
+"""`loratools convert`: PEFT <-> kohya <-> diffusers, verified before anything is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from lora_tools.cli._common import (
+    echo_json,
+    error_boundary,
+    force_option,
+    format_option,
+    json_option,
+    quiet_option,
+)
+
+
+@click.command("convert")
+@click.argument("source", type=click.Path(path_type=Path), metavar="IN")
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), metavar="OUT",
+              help="Output: a folder for --to peft, a .safetensors file for kohya/diffusers.")
+@click.option("--to", "to_format", required=True, type=click.Choice(["peft", "kohya", "diffusers"]),
+              help="Target format.")
+@click.option("--base", default=None, type=click.Path(path_type=Path), metavar="MODEL",
+              help="Resolve kohya names against this base model: a transformers model folder, a diffusers "
+                   "pipeline folder, or any safetensors file listing the base's weights.")
+@click.option("--prefix", default=None, metavar="unet|te|te1|te2",
+              help="Which model a PEFT adapter belongs to (kohya lora_<prefix>_ names, diffusers component); "
+                   "for --to peft, the component to take from a multi-model file.")
+@click.option("--allow-partial", is_flag=True, help="Drop kohya modules whose names cannot be resolved.")
+@format_option
+@json_option
+@quiet_option
+@force_option
+@error_boundary
+def convert_command(source: Path, output: Path, to_format: str, base: Path | None, prefix: str | None,
+                    allow_partial: bool, format_: str | None, as_json: bool, quiet: bool, force: bool) -> None:
+    """Convert the adapter IN to another format, losslessly.
+
+    Factors are copied as stored; each module's scale is carried over (PEFT rank/alpha patterns and rsLoRA,
+    kohya per-module .alpha, diffusers network alphas). kohya names lost their dots, so kohya input is resolved
+    against real module names: those loratools recorded when it wrote the file, --base, or built-in SD UNet /
+    CLIP text-encoder lists; unresolvable names are listed and refused unless --allow-partial. Every conversion
+    is written to a staging file, read back, and compared module by module with the input (factors bit for bit,
+    scales exactly or to a reported relative difference) before it is moved to OUT.
+    """
+    from lora_tools.convert.run import convert
+    from lora_tools.report.merge import render_convert_report
+
+    report = convert(source, output, to_format, base=base, prefix=prefix, allow_partial=allow_partial,
+                     force=force, input_format=format_)
+    if as_json:
+        echo_json(report)
+    else:
+        click.echo(render_convert_report(report))
+    if not quiet:
+        click.echo(f"wrote {output}", err=True)

@@ -1,0 +1,327 @@
+"""Convert an adapter between PEFT, kohya and diffusers without changing a single factor, and prove it.
+
+A conversion renames tensors and re-expresses each module's scale in the target's terms (PEFT: r/lora_alpha with
+exact rank/alpha patterns; kohya: one ``.alpha`` per module, scale·rank; diffusers: an ``.alpha`` where the scale
+is not 1). Factors are copied as stored, dtype included. Before anything reaches OUT, the output is written to a
+staging path beside it, read back with the target format's own reader and compared module by module with the
+input: factors bit for bit, scales exactly or to a reported relative difference (a float32 ``.alpha`` cannot hold
+every rsLoRA scale). Only a verified output is moved into place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_tools.adapter import Adapter, LoraModule
+from lora_tools.builder import AdapterBuilder, factor_keys
+from lora_tools.convert.names import (
+    META_NAMES,
+    META_PEFT_CONFIG,
+    META_SOURCE_FORMAT,
+    Canonical,
+    NameIndex,
+    base_index,
+    builtin_index,
+    from_diffusers,
+    from_peft,
+    natural_sort,
+    parse_prefix,
+    recorded_names,
+    split_kohya,
+    to_diffusers,
+    to_kohya,
+)
+from lora_tools.errors import InvalidOptionError, LoraToolsError, ModuleMismatchError, UnsupportedAdapterError
+from lora_tools.formats import FORMATS, peft
+from lora_tools.linalg.products import relative_difference
+
+TARGETS = ("peft", "kohya", "diffusers")
+# A conversion whose rebuilt ΔW differs from the input's by more than this (relative) is refused.
+MAX_REL_DIFFERENCE = 1e-6
+
+
+class UnresolvedNamesError(ModuleMismatchError):
+    """kohya module names that match no real module of the base model."""
+
+
+class VerificationError(LoraToolsError):
+    """The converted adapter does not reproduce the input."""
+
+
+@dataclass
+class ConvertPlan:
+    adapter: Adapter  # the output, in memory
+    mapping: dict[str, str]  # input module name -> output module name
+    name_source: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def canonical_names(adapter: Adapter, *, base: Path | None, prefix: str | None,
+                    allow_partial: bool) -> tuple[dict[str, Canonical], str, list[str]]:
+    """Canonical (component, path) of every module; kohya names are resolved (unresolvable ones dropped only with
+    ``allow_partial``, else refused with the list)."""
+    warnings: list[str] = []
+    if adapter.format == "peft":
+        return {n: from_peft(n, prefix) for n in adapter.modules}, "PEFT module paths", warnings
+    if adapter.format == "diffusers":
+        return {n: from_diffusers(n) for n in adapter.modules}, "diffusers module paths", warnings
+    recorded, source_format = recorded_names(adapter.metadata)
+    index: NameIndex | None = None
+    result: dict[str, Canonical] = {}
+    unresolved: list[str] = []
+    sources: set[str] = set()
+    for name in adapter.modules:
+        component, flat = split_kohya(name)
+        if name in recorded:
+            original = recorded[name]
+            result[name] = from_diffusers(original) if source_format == "diffusers" else \
+                Canonical(component, original)
+            sources.add("names recorded by loratools in the file's metadata")
+            continue
+        if index is None:
+            index = base_index(base) if base is not None else builtin_index()
+        path, why = index.resolve(component, flat)
+        if path is None:
+            unresolved.append(f"{name} ({why})")
+            continue
+        result[name] = Canonical(component, path)
+        sources.add(index.source)
+    if unresolved:
+        shown = "; ".join(unresolved[:5]) + (f"; ... (+{len(unresolved) - 5} more)" if len(unresolved) > 5 else "")
+        where = f"--base {base}" if base is not None else "the built-in SD UNet / CLIP key lists"
+        if not allow_partial:
+            raise UnresolvedNamesError(
+                f"{adapter.path}: {len(unresolved)} of {len(adapter.modules)} kohya module name(s) match no module "
+                f"of {where}: {shown}; pass --base MODEL (the base model's folder or a safetensors file of its "
+                "weights), or --allow-partial to drop them")
+        warnings.append(f"{len(unresolved)} module(s) dropped (--allow-partial), names not resolved: {shown}")
+    return result, " + ".join(sorted(sources)) or "none", warnings
+
+
+def output_names(canonical: dict[str, Canonical], to: str, prefix: str | None,
+                 adapter: Adapter) -> dict[str, str]:
+    """Input module name -> output module name (PEFT output holds one model: one component)."""
+    if to == adapter.format:
+        return {n: n for n in canonical}
+    if to == "kohya":
+        has_te2 = any(c.component == "te2" for c in canonical.values())
+        mapping = {n: to_kohya(c, has_te2) for n, c in canonical.items()}
+    elif to == "diffusers":
+        mapping = {n: to_diffusers(c) for n, c in canonical.items()}
+    else:
+        components = {c.component for c in canonical.values()}
+        if adapter.format != "peft" and len(components) > 1:
+            if prefix is None:
+                raise InvalidOptionError(
+                    f"{adapter.path}: holds modules of several models ({', '.join(sorted(map(str, components)))}) "
+                    "but a PEFT adapter holds one; pass --prefix unet|te|te1|te2 to convert one of them")
+            wanted = {prefix, "te1" if prefix == "te" else "te" if prefix == "te1" else prefix}
+            canonical = {n: c for n, c in canonical.items() if c.component in wanted}
+            if not canonical:
+                raise InvalidOptionError(f"{adapter.path}: no module of component {prefix!r}")
+        mapping = {n: c.path for n, c in canonical.items()}
+    seen: dict[str, str] = {}
+    for source, target in mapping.items():
+        if target in seen:
+            raise ModuleMismatchError(f"{adapter.path}: modules {seen[target]} and {source} both become {target} "
+                                      f"in {to} naming")
+        seen[target] = source
+    return mapping
+
+
+def _recorded_config(adapter: Adapter) -> dict[str, Any] | None:
+    raw = adapter.metadata.get(META_PEFT_CONFIG)
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _exact_scale(module: LoraModule, rule: peft.ScaleRule | None, out_name: str) -> float:
+    """The recorded PEFT scale when the stored float32 alpha agrees with it (undoes the float32 rounding)."""
+    if rule is None:
+        return module.scale
+    rank, alpha, _ = rule.rank_and_alpha(out_name)
+    if rank != module.rank:
+        return module.scale
+    exact = rule.scale(rank, alpha)
+    return exact if abs(exact - module.scale) <= 1e-6 * max(abs(exact), 1e-30) else module.scale
+
+
+@torch.no_grad()
+def plan_conversion(adapter: Adapter, to: str, *, base: Path | None = None, prefix: str | None = None,
+                    allow_partial: bool = False) -> ConvertPlan:
+    """The converted adapter in memory (no file written), with the module name mapping."""
+    if to not in TARGETS:
+        raise InvalidOptionError(f"unknown --to {to!r}; choose one of {', '.join(TARGETS)}")
+    prefix = parse_prefix(prefix)
+    canonical, name_source, warnings = canonical_names(adapter, base=base, prefix=prefix,
+                                                       allow_partial=allow_partial)
+    mapping = output_names(canonical, to, prefix, adapter)
+    dropped = len(adapter.modules) - len(mapping)
+    if dropped and not warnings:
+        warnings.append(f"{dropped} module(s) of other components not converted (--prefix {prefix})")
+    recorded_config = _recorded_config(adapter) if to == "peft" else None
+    rule = peft.ScaleRule(recorded_config, adapter.path, []) if recorded_config else None
+    metadata = _output_metadata(adapter, to, mapping)
+    config = adapter.config if adapter.format == "peft" else recorded_config
+    builder = AdapterBuilder(to, adapter.path, config=config, metadata=metadata, base_model=adapter.base_model)
+    for name in natural_sort(mapping):
+        module = adapter.modules[name]
+        out_name = mapping[name]
+        _check_convertible(adapter, module, to)
+        a = adapter.source.get(module.a_info.key)  # as stored: (r, in[, kh, kw])
+        b = adapter.source.get(module.b_info.key)  # (out, r[, 1, 1])
+        scale = _exact_scale(module, rule, out_name)
+        keys = factor_keys(to, out_name, module.kind)
+        alpha_tensor = _alpha_tensor(adapter, module, to, scale)
+        new = builder.add_module(out_name, module.kind, b, a, scale=scale, alpha=scale * module.rank, keys=keys,
+                                 alpha_tensor=alpha_tensor, flags=list(module.flags))
+        if module.bias_key:
+            key = f"{peft.PREFIX}{out_name}.lora_B.bias"
+            builder.tensors[key] = adapter.source.get(module.bias_key)
+            new.bias_key = key
+        if module.magnitude_key:
+            key = module.magnitude_key if to == adapter.format else f"{peft.PREFIX}{out_name}.lora_magnitude_vector"
+            builder.tensors[key] = adapter.source.get(module.magnitude_key)
+            new.magnitude_key = key
+    for info in adapter.extra_tensors:
+        builder.add_tensor(info.key, adapter.source.get(info.key))
+    converted = builder.build()
+    return ConvertPlan(converted, mapping, name_source, warnings)
+
+
+def _check_convertible(adapter: Adapter, module: LoraModule, to: str) -> None:
+    if to == adapter.format:
+        return
+    if module.magnitude_key:
+        raise UnsupportedAdapterError(
+            f"{adapter.path}: module {module.name} is DoRA; the magnitude layouts of {adapter.format} and {to} "
+            "differ, so DoRA adapters convert only within their format")
+    if module.bias_key and to != "peft":
+        raise UnsupportedAdapterError(f"{adapter.path}: module {module.name} has a LoRA bias (lora_B.bias), which "
+                                      f"{to} files cannot hold; convert --to peft")
+    if to in ("kohya", "diffusers") and module.kind not in ("linear", "conv"):
+        raise UnsupportedAdapterError(
+            f"{adapter.path}: module {module.name} is a {module.kind} layer (transposed update); {to} files cannot "
+            "mark that, convert --to peft")
+
+
+def _alpha_tensor(adapter: Adapter, module: LoraModule, to: str, scale: float) -> torch.Tensor | None:
+    if to == "peft":
+        return None
+    if module.alpha_key:
+        return adapter.source.get(module.alpha_key)  # as stored (dtype included): round trips stay bit-exact
+    if to == "diffusers" and scale == 1.0:
+        return None  # diffusers' default scale is 1: no .alpha, like diffusers' own files
+    # float32 like sd-scripts; kohya.write rewrites it anyway unless it already holds scale·rank
+    return torch.tensor(scale * module.rank, dtype=torch.float32)
+
+
+def _output_metadata(adapter: Adapter, to: str, mapping: dict[str, str]) -> dict[str, str]:
+    metadata = {k: v for k, v in adapter.metadata.items() if k != "lora_adapter_metadata"}
+    if to == "peft":
+        return {"format": "pt"}
+    if to == "kohya" and adapter.format != "kohya":
+        # kohya names are lossy; record the originals (and PEFT's config) so the file converts back exactly.
+        metadata[META_NAMES] = json.dumps({out: name for name, out in mapping.items()})
+        metadata[META_SOURCE_FORMAT] = adapter.format
+        if adapter.format == "peft" and adapter.config:
+            metadata[META_PEFT_CONFIG] = json.dumps(adapter.config)
+    return metadata
+
+
+@torch.no_grad()
+def verify(original: Adapter, written: Adapter, mapping: dict[str, str]) -> dict[str, Any]:
+    """Compare every module of ``written`` (read back from disk) with ``original``; raise on any loss."""
+    bit_exact = 0
+    worst = 0.0
+    worst_module = None
+    for name, out_name in mapping.items():
+        module = original.modules[name]
+        if out_name not in written.modules:
+            raise VerificationError(f"verification failed: module {name} ({out_name}) is missing from the output")
+        out = written.modules[out_name]
+        same_factors = all(
+            torch.equal(original.source.get(a.key), written.source.get(b.key)) and a.dtype == b.dtype
+            for a, b in ((module.a_info, out.a_info), (module.b_info, out.b_info)))
+        if same_factors and out.scale == module.scale and out.kind == module.kind:
+            bit_exact += 1
+            continue
+        if out.kind != module.kind:
+            raise VerificationError(f"verification failed: module {name} is {module.kind} in the input but "
+                                    f"{out.kind} in the output")
+        if same_factors:
+            diff = abs(out.scale - module.scale) / abs(module.scale) if module.scale else abs(out.scale)
+        else:
+            B, A = original.factors(name, torch.float64)
+            B2, A2 = written.factors(out_name, torch.float64)
+            diff = relative_difference(out.scale * B2, A2, module.scale * B, A)
+        if diff > worst or math.isnan(diff):
+            worst, worst_module = diff, name
+    if len(written.modules) != len(mapping):
+        extra = sorted(set(written.modules) - set(mapping.values()))
+        raise VerificationError(f"verification failed: the output has {len(extra)} unexpected module(s), e.g. "
+                                f"{extra[:1]}")
+    if not worst <= MAX_REL_DIFFERENCE:
+        raise VerificationError(f"verification failed: module {worst_module}: the rebuilt ΔW differs from the "
+                                f"input by {worst:.3g} (relative); nothing written")
+    return {"bit_exact_modules": bit_exact, "max_rel_difference": worst, "worst_module": worst_module}
+
+
+def convert(source: Path, output: Path, to: str, *, base: Path | None = None, prefix: str | None = None,
+            allow_partial: bool = False, force: bool = False, input_format: str | None = None) -> dict[str, Any]:
+    """Convert the adapter at ``source`` to ``to`` at ``output`` (verified before it is moved into place)."""
+    from lora_tools.atomic import check_not_input, check_output, move_into_place
+    from lora_tools.formats import load_adapter
+
+    if to not in TARGETS:
+        raise InvalidOptionError(f"unknown --to {to!r}; choose one of {', '.join(TARGETS)}")
+    adapter = load_adapter(source, input_format)
+    inputs = tuple(p for p in (source, adapter.weights_path) if p is not None)
+    check_not_input(output, inputs)
+    check_output(output, force, inputs)
+    plan = plan_conversion(adapter, to, base=base, prefix=prefix, allow_partial=allow_partial)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".convert", dir=output.parent))
+    try:
+        staged = staging / output.name
+        FORMATS[to].write(plan.adapter, staged)
+        written = FORMATS[to].read(staged)
+        checks = verify(adapter, written, plan.mapping)
+        move_into_place(staged, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {
+        "input": str(source), "input_format": adapter.format, "output": str(output), "output_format": to,
+        "num_modules": len(plan.mapping), "name_source": plan.name_source, **checks,
+        "mapping": plan.mapping, "warnings": plan.warnings + list(written.warnings),
+    }
+
+
+def alignment_keys(adapter: Adapter) -> dict[str, str]:
+    """A format-independent key per module (component:path) to match modules of adapters in different formats;
+    kohya names are resolved like ``convert`` does (recorded names, built-in lists), unresolved ones keep their
+    flattened name."""
+    from lora_tools.formats.kohya import flat_name
+
+    canonical, _, _ = canonical_names(adapter, base=None, prefix=None, allow_partial=True)
+    keys = {}
+    for name in adapter.modules:
+        found = canonical.get(name)
+        if found is None:
+            keys[name] = f"?:{flat_name(name, adapter.format)}"
+        else:
+            component = "te" if found.component == "te1" else found.component
+            keys[name] = f"{component}:{found.path}"
+    return keys

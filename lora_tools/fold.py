@@ -1,0 +1,139 @@
+"""Fold an adapter into its base model's weights: W = W0 + s·B·A (DoRA: m·(W0 + s·B·A)/‖W0 + s·B·A‖ per output).
+
+The output has the base's own layout — the same safetensors shards under the same names, the same keys and
+dtypes, the other files of a model folder (config, tokenizer, shard index) copied — with only the adapted weights
+changed; every other tensor is copied through bit for bit. Shards are processed one at a time, so peak memory is
+one shard. The update is added in the layer's own layout: GPT-2's Conv1D stores (in, out) and gets ΔWᵀ,
+embeddings likewise, conv kernels get ΔW reshaped to (out, in, kh, kw) — the same arithmetic as PEFT's
+``merge_and_unload`` (float32, cast back to the stored dtype).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_tools.adapter import Adapter, LoraModule
+from lora_tools.errors import BaseModelError, ModuleMismatchError, UnsupportedAdapterError
+from lora_tools.tensorfile import read_safetensors_header
+
+logger = logging.getLogger(__name__)
+
+
+def weight_files(base: Path) -> list[Path]:
+    """The safetensors files of a model: the file itself, or every ``*.safetensors`` in a model folder."""
+    if not base.exists():
+        raise BaseModelError(f"{base}: base model not found")
+    if base.is_file():
+        return [base]
+    files = sorted(base.glob("*.safetensors"))
+    if not files:
+        raise BaseModelError(f"{base}: no *.safetensors weights in this folder (save the model with "
+                             "save_pretrained(safe_serialization=True))")
+    return files
+
+
+def base_keys(files: list[Path]) -> dict[str, Path]:
+    """Tensor key -> the shard that holds it."""
+    keys: dict[str, Path] = {}
+    for path in files:
+        infos, _ = read_safetensors_header(path)
+        for key in infos:
+            keys[key] = path
+    return keys
+
+
+def match_weight_key(name: str, keys: dict[str, Path]) -> str | None:
+    """The base key of module ``name``'s weight, tolerating a prefix on either side (a task-head model saved as
+    ``transformer.h.0...`` vs an adapter trained on ``h.0...``, and the reverse); only a unique match counts."""
+    exact = f"{name}.weight"
+    if exact in keys:
+        return exact
+    candidates = [k for k in keys if k.endswith(".weight") and (k.endswith("." + exact) or
+                                                                exact.endswith("." + k))]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+@torch.no_grad()
+def folded_weight(adapter: Adapter, module: LoraModule, weight: torch.Tensor) -> torch.Tensor:
+    """W0 + ΔW in the base weight's layout and dtype (DoRA applied as DoRA)."""
+    if tuple(weight.shape) != tuple(module.weight_shape):
+        raise ModuleMismatchError(
+            f"module {module.name}: the adapter's update has shape {list(module.weight_shape)} but the base "
+            f"weight has shape {list(weight.shape)}; is this the base model the adapter was trained on?")
+    delta = adapter.delta_weight(module.name, torch.float32)  # base layout
+    merged = weight.to(torch.float32) + delta
+    if module.magnitude_key:
+        magnitude = adapter.source.get(module.magnitude_key).to(torch.float32).flatten()  # (out,)
+        # DoRA (Liu et al. 2024): rescale each output's row of W0 + ΔW to the learned magnitude; in PEFT's layout
+        # the output axis is 0 for Linear/conv and 1 for Conv1D/embeddings.
+        as_rows = merged.T if module.kind in ("conv1d", "embedding") else merged.reshape(merged.shape[0], -1)
+        norms = as_rows.norm(p=2, dim=1)
+        factor = magnitude / norms
+        if module.kind in ("conv1d", "embedding"):
+            merged = merged * factor[None, :]
+        else:
+            merged = merged * factor.reshape(-1, *([1] * (merged.ndim - 1)))
+    return merged.to(weight.dtype)
+
+
+def fold(adapter: Adapter, base: Path, output: Path, *, force: bool = False) -> dict[str, Any]:
+    """Write ``base`` with ``adapter`` folded in to ``output`` (a file for a file base, a folder for a folder)."""
+    from safetensors import safe_open
+
+    from lora_tools.atomic import atomic_dir, atomic_path, check_not_input, check_output
+    from lora_tools.formats.common import write_safetensors
+
+    files = weight_files(base)
+    check_not_input(output, (base,))
+    check_output(output, force, (base,))
+    keys = base_keys(files)
+    targets: dict[str, LoraModule] = {}
+    unmatched: list[str] = []
+    for name, module in adapter.modules.items():
+        if module.bias_key:
+            raise UnsupportedAdapterError(f"{adapter.path}: module {name} has a LoRA bias (lora_B.bias); folding "
+                                          "it is not supported")
+        key = match_weight_key(name, keys)
+        if key is None:
+            unmatched.append(name)
+        else:
+            targets[key] = module
+    if unmatched:
+        raise ModuleMismatchError(f"{base}: {len(unmatched)} adapter module(s) have no (unique) weight in the base "
+                                  f"model, e.g. {unmatched[0]}; is this the right base model?")
+    warnings = [f"{len(adapter.extra_tensors)} extra tensor(s) (modules_to_save, ...) were not folded"] \
+        if adapter.extra_tensors else []
+    copied = total = 0
+
+    def write_shard(source: Path, destination: Path) -> None:
+        nonlocal copied, total
+        with safe_open(str(source), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {}
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                if key in targets:
+                    tensor = folded_weight(adapter, targets[key], tensor)
+                else:
+                    copied += 1
+                tensors[key] = tensor
+                total += 1
+        write_safetensors(tensors, destination, metadata)
+
+    if base.is_file():
+        with atomic_path(output, force) as tmp:
+            write_shard(base, tmp)
+    else:
+        with atomic_dir(output, force) as tmp:
+            for entry in sorted(base.iterdir()):
+                if entry.suffix == ".safetensors":
+                    write_shard(entry, tmp / entry.name)
+                elif entry.is_file():
+                    shutil.copy2(entry, tmp / entry.name)  # config, tokenizer, shard index: the layout stays
+    return {"adapter": str(adapter.path), "base": str(base), "output": str(output), "num_modules": len(targets),
+            "num_tensors": total, "num_copied": copied, "warnings": warnings}

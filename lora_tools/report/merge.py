@@ -1,0 +1,90 @@
+"""Plain-text renderings of merge, similarity, convert, fold and extract reports (tabulate)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tabulate import tabulate
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _ranks(ranks: list[int | None]) -> str:
+    return "+".join("-" if r is None else str(r) for r in ranks)
+
+
+def render_merge_table(report: dict[str, Any]) -> str:
+    rows = [[r["name"], _ranks(r["ranks_in"]), r["rank_out"], _num(r["rel_error"], 3),
+             _num(r.get("svd_error_at_rank"), 3) if report["method"] == "rank1-topk" else None,
+             _num(r["max_abs_cosine"], 3), _num(r["max_subspace_overlap"], 3)]
+            for r in report["modules"]]
+    headers = ["module", "ranks in", "rank out", "rel. error vs Σ wᵢΔWᵢ", "svd error at same rank",
+               "max |cos|", "max φ"]
+    if report["method"] != "rank1-topk":
+        rows = [row[:4] + row[5:] for row in rows]
+        headers = headers[:4] + headers[5:]
+    lines = [
+        tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True),
+        "",
+        f"method: {report['method']} — {report['summary']}",
+        f"reference: {report['reference']}",
+        f"weights: {', '.join(f'{w:g}' for w in report['weights'])}; selection: {report['selection']}"
+        + (f"; density {report['density']:g}" if report.get("density") is not None else "")
+        + (f"; seed {report['seed']}" if report.get("seed") is not None else ""),
+        f"max relative error vs the exact weighted sum: {_num(report['max_rel_error'], 3)}",
+        f"parameters: {' + '.join(f'{p:,}' for p in report['params_in'])} -> {report['params_out']:,}",
+        "max |cos| / max φ: interference between the inputs' updates (cosine as vectors; subspace overlap of "
+        "their column spaces, Hu et al. 2021)",
+    ]
+    lines += [f"warning: {w}" for w in report["warnings"]]
+    return "\n".join(lines)
+
+
+def render_similarity_table(report: dict[str, Any]) -> str:
+    rows = [[r["name"], f"{r['rank_a']}/{r['rank_b']}", _num(r["cosine"], 4), _num(r["phi_left_top1"], 3),
+             _num(r["phi_left_full"], 3), _num(r["phi_right_top1"], 3), _num(r["phi_right_full"], 3)]
+            for r in report["modules"]]
+    lines = [
+        tabulate(rows, headers=["module", "ranks", "cos(ΔW_A, ΔW_B)", "φ_U(1,1)", "φ_U(rA,rB)", "φ_V(1,1)",
+                                "φ_V(rA,rB)"], tablefmt="simple", disable_numparse=True),
+        "",
+        f"{report['num_common']} common module(s); only in A: {report['only_in_a']}, only in B: {report['only_in_b']}",
+        "φ(i, j) = ‖U_A[:, :i]ᵀ U_B[:, :j]‖_F² / min(i, j) (Hu et al. 2021): 1 = the top subspaces coincide, "
+        "0 = orthogonal; U: left (output) singular vectors, V: right (input)",
+    ]
+    return "\n".join(lines)
+
+
+def render_convert_report(report: dict[str, Any]) -> str:
+    lines = [
+        f"{report['input']} ({report['input_format']}) -> {report['output']} ({report['output_format']})",
+        f"modules: {report['num_modules']}; names resolved by: {report['name_source']}",
+        f"verification: {report['bit_exact_modules']} of {report['num_modules']} module(s) bit-exact; "
+        f"max relative difference of ΔW {_num(report['max_rel_difference'], 3)}",
+    ]
+    lines += [f"warning: {w}" for w in report["warnings"]]
+    return "\n".join(lines)
+
+
+def render_extract_table(report: dict[str, Any]) -> str:
+    rows = [[r["name"], "x".join(map(str, r["shape"])), r["rank"], _num(r["retained_energy"], 6),
+             _num(r["rel_fro_error"], 4), r["method"]] for r in report["modules"]]
+    lines = [tabulate(rows, headers=["module", "shape", "rank", "retained energy", "rel. error", "svd"],
+                      tablefmt="simple", disable_numparse=True), "",
+             f"selection: {report['selection']}; {report['num_modules']} module(s) differ, "
+             f"{report['num_unchanged']} identical, {report['num_skipped']} not linear (skipped)"]
+    lines += [f"warning: {w}" for w in report["warnings"]]
+    return "\n".join(lines)
+
+
+def render_fold_report(report: dict[str, Any]) -> str:
+    lines = [f"folded {report['num_modules']} module(s) of {report['adapter']} into {report['base']} -> "
+             f"{report['output']} ({report['num_tensors']} tensors, {report['num_copied']} copied unchanged)"]
+    lines += [f"warning: {w}" for w in report["warnings"]]
+    return "\n".join(lines)

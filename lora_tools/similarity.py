@@ -1,0 +1,80 @@
+"""How much two adapters' updates overlap, per common module, from the factors alone.
+
+The normalised subspace similarity of the LoRA paper (Hu et al. 2021, section 7.2) compares the top-i left
+singular vectors of ΔW_A with the top-j of ΔW_B: φ(i, j) = ‖U_A[:, :i]ᵀ U_B[:, :j]‖_F² / min(i, j) ∈ [0, 1]. The
+same on the right singular vectors says whether the two updates read the same input directions. The cosine of the
+two updates as vectors, ⟨ΔW_A, ΔW_B⟩_F / (‖ΔW_A‖_F ‖ΔW_B‖_F), says whether they push the same way. Singular
+vectors come from ``lowrank_svd`` (QR of the factors + an r x r core SVD); no out x in matrix is formed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lora_tools.adapter import Adapter
+from lora_tools.convert.run import alignment_keys
+from lora_tools.errors import ModuleMismatchError
+from lora_tools.linalg import lowrank_svd, single_threaded
+from lora_tools.linalg.products import cosine, subspace_similarity
+
+
+def common_modules(a: Adapter, b: Adapter) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """(pairs of (name in A, name in B), names only in A, names only in B); across formats by the module each
+    name resolves to (``convert``'s name resolution)."""
+    same = a.format == b.format
+    keys_a = {n: n for n in a.modules} if same else alignment_keys(a)
+    keys_b = {n: n for n in b.modules} if same else alignment_keys(b)
+    keys_a = {k: n for n, k in keys_a.items()}
+    keys_b = {k: n for n, k in keys_b.items()}
+    pairs = [(keys_a[k], keys_b[k]) for k in keys_a if k in keys_b]
+    return pairs, [keys_a[k] for k in keys_a if k not in keys_b], [keys_b[k] for k in keys_b if k not in keys_a]
+
+
+@torch.no_grad()
+def module_similarity(a: Adapter, name_a: str, b: Adapter, name_b: str) -> dict[str, Any]:
+    """Similarity numbers for one module, with the full φ grids (rows: top-i of A, columns: top-j of B)."""
+    mod_a, mod_b = a.modules[name_a], b.modules[name_b]
+    if (mod_a.kind, mod_a.weight_shape) != (mod_b.kind, mod_b.weight_shape):
+        raise ModuleMismatchError(f"module {name_a}: {a.path} has a {mod_a.kind} update of shape "
+                                  f"{list(mod_a.weight_shape)} but {b.path} has a {mod_b.kind} update of shape "
+                                  f"{list(mod_b.weight_shape)}; the adapters were trained on different base models")
+    B_a, A_a = a.factors(name_a, torch.float64)
+    B_b, A_b = b.factors(name_b, torch.float64)
+    B_a, B_b = B_a * mod_a.scale, B_b * mod_b.scale
+    svd_a, svd_b = lowrank_svd(B_a, A_a), lowrank_svd(B_b, A_b)
+    left = subspace_similarity(svd_a.U, svd_b.U)
+    right = subspace_similarity(svd_a.Vh.T, svd_b.Vh.T)
+    return {
+        "name": name_a,
+        "name_b": name_b,
+        "shape": [mod_a.out_features, mod_a.in_features],
+        "rank_a": mod_a.rank,
+        "rank_b": mod_b.rank,
+        "cosine": cosine(B_a, A_a, B_b, A_b),
+        "phi_left_top1": float(left[0, 0]),
+        "phi_left_full": float(left[-1, -1]),
+        "phi_right_top1": float(right[0, 0]),
+        "phi_right_full": float(right[-1, -1]),
+        "phi_left": left.tolist(),
+        "phi_right": right.tolist(),
+    }
+
+
+def similarity(a: Adapter, b: Adapter, *, grids: bool = True) -> dict[str, Any]:
+    """Per common module: cosine of the updates and φ of the left/right singular subspaces (report data)."""
+    pairs, only_a, only_b = common_modules(a, b)
+    if not pairs:
+        raise ModuleMismatchError(f"{a.path} and {b.path} have no module in common (e.g. {next(iter(a.modules))} "
+                                  f"vs {next(iter(b.modules))})")
+    rows = []
+    with single_threaded():
+        for name_a, name_b in pairs:
+            row = module_similarity(a, name_a, b, name_b)
+            if not grids:
+                row.pop("phi_left")
+                row.pop("phi_right")
+            rows.append(row)
+    return {"a": str(a.path), "b": str(b.path), "num_common": len(rows), "only_in_a": len(only_a),
+            "only_in_b": len(only_b), "modules": rows}
