@@ -37,10 +37,28 @@ def atomic_path(path: Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        _default_permissions(tmp)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _default_permissions(path: Path) -> None:
+    """mkstemp/mkdtemp create 0600/0700 entries; give outputs the permissions a plain open() would."""
+    mask = _current_umask()
+    if path.is_dir():
+        os.chmod(path, 0o777 & ~mask)
+        for child in path.rglob("*"):
+            os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
 
 
 def check_not_input(path: Path, inputs: tuple[Path, ...]) -> None:
@@ -66,6 +84,7 @@ def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _default_permissions(tmp)
         move_into_place(tmp, path)
     finally:
         if tmp.exists():

@@ -114,3 +114,19 @@ def test_conv1d_to_kohya_is_refused_cleanly(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("truncate", str(folder), "-o", str(out), "--rank", "2", "--to", "kohya"),
                           "--to peft")
     assert not out.exists()
+
+
+def test_outputs_get_ordinary_permissions(tmp_path: Path) -> None:
+    """Temporary files are created 0600; the finished output must not stay private by accident."""
+    import os
+    import stat
+
+
+    source = write_peft(tmp_path / "in", lora_tensors({"q_proj": (8, 8, 4)}))
+    out = tmp_path / "out"
+    result = run_cli("truncate", str(source), "-o", str(out), "--rank", "2")
+    assert result.exit_code == 0, result.output
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    assert stat.S_IMODE((out / "adapter_model.safetensors").stat().st_mode) == 0o666 & ~mask
