@@ -39,6 +39,7 @@ from lora_tools.capture import (
 )
 from lora_tools.compare.methods import (
     Approximation,
+    ErrorMap,
     OutputEigen,
     Target,
     activation_aware,
@@ -133,6 +134,7 @@ class Layer:
     holdout: CovarianceAccumulator | None = None
     approximations: list[Approximation] = field(default_factory=list)
     stats: list[OutputErrorStats] = field(default_factory=list)
+    error_maps: list[ErrorMap] = field(default_factory=list)
     optimal: list[float] = field(default_factory=list)  # sqrt(tail_k)/‖Y‖ on calibration, k = 0..max_rank
     eigen: OutputEigen | None = None
     entries: list[tuple[int, str | None]] = field(default_factory=list)  # result rows: (approximation, budget)
@@ -189,12 +191,11 @@ class CompareJob:
         def on_holdout(name: str, x: torch.Tensor) -> None:
             layer = by_name[name]
             layer.holdout.update(x)
-            x64 = x.to(torch.float64)
-            y = layer.target.apply(x64)  # (T, out)
-            y_sq = y.square().sum(dim=1)  # (T,)
-            for approx, stats in zip(layer.approximations, layer.stats, strict=True):
-                # ΔY in float64: Ŷ and Y agree to ~1e-3 for int8, and a float32 difference would lose digits.
-                stats.update(y, approx.apply(x64) - y, y_sq)
+            x32 = x.to(torch.float32)
+            y = layer.target.apply(x32)  # (T, out)
+            y_sq = y.square().sum(dim=1, dtype=torch.float64)  # (T,)
+            for error_map, stats in zip(layer.error_maps, layer.stats, strict=True):
+                stats.update(y, error_map(x32, y), y_sq)
 
         self._forward(self.holdout_sequences, on_holdout, advance, seed=self.options.seed + 1)
         return self._report()
@@ -263,6 +264,7 @@ class CompareJob:
         layer.stats = [OutputErrorStats(self.device, entry_rms, entry_histogram=i in plotted)
                        for i in range(len(approximations))]
         layer.eigen = eigen  # kept for the built-in check in _finalize
+        layer.error_maps = [ErrorMap(target, approx) for approx in approximations]
 
     def _finalize(self, layer: Layer) -> dict[str, Any]:
         target = layer.target
