@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,17 @@ def parse_schemes(text: str | None) -> tuple[str, ...]:
         return DEFAULT_SCHEMES
     names = [part.strip() for part in text.split(",") if part.strip()]
     return tuple(dict.fromkeys(get_scheme(name).name for name in names))
+
+
+def display_path(path: Path) -> str:
+    """A path as a report should show it: relative to the working folder or to the installed packages, so that
+    committed reports do not carry one machine's absolute paths."""
+    resolved = Path(path).resolve()
+    anchors = [Path.cwd()] + [Path(p).resolve() for p in sys.path if p and Path(p).is_dir()]
+    for anchor in sorted(anchors, key=lambda a: len(a.parts), reverse=True):
+        if resolved.is_relative_to(anchor):
+            return str(resolved.relative_to(anchor)) or "."
+    return str(path)
 
 
 @dataclass
@@ -332,8 +344,8 @@ class CompareJob:
         first = self.layers[0] if self.layers else None
         return {
             "tool": f"loratools {__version__}",
-            "base_model": str(self.base_path) if self.base_path else None,
-            "adapter": str(self.adapter.path) if self.adapter else None,
+            "base_model": display_path(self.base_path) if self.base_path else None,
+            "adapter": display_path(self.adapter.path) if self.adapter else None,
             "target": self.options.target,
             "device": str(self.device),
             "dtype": self.options.dtype,
