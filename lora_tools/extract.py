@@ -133,6 +133,10 @@ def extract(base: Path, finetuned: Path, *, rank: Any = None, energy: Any = None
                 continue
             work = torch.float64 if w_ft.numel() <= (1 << 22) else torch.float32
             D = w_ft.to(work) - w_0.to(work)
+            if not bool(torch.isfinite(D).all()):
+                # an SVD of NaN/Inf fails inside LAPACK; name the tensor and the files instead
+                raise BaseModelError(f"{ft_file}: tensor {key!r}: the difference from {base_index[key]} contains "
+                                     "NaN or Inf; nothing to extract from a broken weight")
             if kind == "conv1d":
                 D = D.T  # Conv1D stores (in, out); the LoRA factors describe the (out, in) map
             U, S, Vh, kept, method = truncated_svd(D, rule)

@@ -63,9 +63,13 @@ def folded_weight(adapter: Adapter, module: LoraModule, weight: torch.Tensor) ->
     """W0 + ΔW in the base weight's layout and dtype (DoRA applied as DoRA)."""
     if tuple(weight.shape) != tuple(module.weight_shape):
         raise ModuleMismatchError(
-            f"module {module.name}: the adapter's update has shape {list(module.weight_shape)} but the base "
+            f"{adapter.path}: module {module.name}: the adapter's update has shape {list(module.weight_shape)} but the base "
             f"weight has shape {list(weight.shape)}; is this the base model the adapter was trained on?")
     delta = adapter.delta_weight(module.name, torch.float32)  # base layout
+    if not bool(torch.isfinite(delta).all()):
+        # folding would turn a working base weight into NaN/Inf: refuse, there is no sensible partial fold
+        raise ModuleMismatchError(f"{adapter.path}: module {module.name}: the update s·B·A contains NaN or Inf; "
+                                  "refusing to fold it into the base weights")
     merged = weight.to(torch.float32) + delta
     if module.magnitude_key:
         magnitude = adapter.source.get(module.magnitude_key).to(torch.float32).flatten()  # (out,)

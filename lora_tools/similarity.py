@@ -42,6 +42,11 @@ def module_similarity(a: Adapter, name_a: str, b: Adapter, name_b: str) -> dict[
                                   f"{list(mod_b.weight_shape)}; the adapters were trained on different base models")
     B_a, A_a = a.factors(name_a, torch.float64)
     B_b, A_b = b.factors(name_b, torch.float64)
+    for adapter, name, factors in ((a, name_a, (B_a, A_a)), (b, name_b, (B_b, A_b))):
+        if not all(bool(torch.isfinite(f).all()) for f in factors):
+            # an SVD of NaN fails deep inside LAPACK; say which file and module instead
+            raise ModuleMismatchError(f"{adapter.path}: module {name}: LoRA factors contain NaN or Inf; "
+                                      "no similarity can be computed")
     B_a, B_b = B_a * mod_a.scale, B_b * mod_b.scale
     svd_a, svd_b = lowrank_svd(B_a, A_a), lowrank_svd(B_b, A_b)
     left = subspace_similarity(svd_a.U, svd_b.U)

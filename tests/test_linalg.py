@@ -110,3 +110,26 @@ def test_metrics_survive_extreme_scales(scale: float) -> None:
     assert m.stable_rank == pytest.approx(22 / 16)
     assert m.fro_norm == pytest.approx(math.sqrt(22) * scale, rel=1e-12)
     assert (m.rank_90, m.rank_99, m.numerical_rank) == (2, 4, 4)
+
+
+def test_rank_one_update_is_exact() -> None:
+    """A rank-1 adapter: σ_1 = |s|·‖b‖·‖a‖, one non-trivial direction, every rank metric 1."""
+    B, A = random_factors(40, 30, 1, 11)
+    svd = lowrank_svd(B, A, -0.75)
+    expected = 0.75 * float(B.norm()) * float(A.norm())
+    assert svd.S.shape == (1,) and float(svd.S[0]) == pytest.approx(expected, rel=1e-14)
+    torch.testing.assert_close(svd.U * svd.S @ svd.Vh, -0.75 * B @ A, rtol=1e-12, atol=1e-14)
+    m = spectrum_metrics(svd.S.abs(), (40, 30))
+    assert (m.rank_90, m.rank_99, m.numerical_rank) == (1, 1, 1)
+    assert m.stable_rank == pytest.approx(1.0) and m.effective_rank == pytest.approx(1.0)
+
+
+def test_bf16_factors_are_analysed_in_float64() -> None:
+    """bf16 factors are upcast before any product: the result is the float64 SVD of the bf16 values, not of a
+    bf16 product (whose 8-bit mantissa would cost ~1e-3 relative)."""
+    B, A = random_factors(96, 80, 6, 13)
+    B16, A16 = B.bfloat16(), A.bfloat16()
+    ours = singular_values(B16, A16, 3.0)
+    dense = torch.linalg.svdvals(3.0 * B16.double() @ A16.double())[:6]
+    torch.testing.assert_close(ours, dense, rtol=1e-10, atol=0)
+    assert ours.dtype == torch.float64

@@ -29,13 +29,15 @@ from lora_tools.cli._common import (
               help="Which model a PEFT adapter belongs to (kohya lora_<prefix>_ names, diffusers component); "
                    "for --to peft, the component to take from a multi-model file.")
 @click.option("--allow-partial", is_flag=True, help="Drop kohya modules whose names cannot be resolved.")
+@click.option("--allow-nonfinite", is_flag=True, help="Copy modules with NaN/Inf factors as stored instead of failing.")
 @format_option
 @json_option
 @quiet_option
 @force_option
 @error_boundary
 def convert_command(source: Path, output: Path, to_format: str, base: Path | None, prefix: str | None,
-                    allow_partial: bool, format_: str | None, as_json: bool, quiet: bool, force: bool) -> None:
+                    allow_partial: bool, allow_nonfinite: bool, format_: str | None, as_json: bool, quiet: bool,
+                    force: bool) -> None:
     """Convert the adapter IN to another format, losslessly.
 
     Factors are copied as stored; each module's scale is carried over (PEFT rank/alpha patterns and rsLoRA,
@@ -49,7 +51,7 @@ def convert_command(source: Path, output: Path, to_format: str, base: Path | Non
     from lora_tools.report.merge import render_convert_report
 
     report = convert(source, output, to_format, base=base, prefix=prefix, allow_partial=allow_partial,
-                     force=force, input_format=format_)
+                     force=force, input_format=format_, allow_nonfinite=allow_nonfinite)
     if as_json:
         echo_json(report)
     else:

@@ -32,11 +32,14 @@ def similarity_command(adapter_a: Path, adapter_b: Path, plot_path: Path | None,
     from lora_tools.report.merge import render_similarity_table
     from lora_tools.similarity import similarity
 
-    if plot_path is not None:
-        from lora_tools.atomic import check_output
-
-        check_output(plot_path, force)
     a, b = load_adapter(adapter_a), load_adapter(adapter_b)
+    if plot_path is not None:
+        from lora_tools.atomic import check_not_input, check_output
+
+        # --force must never let the plot replace one of the adapters it compares
+        inputs = tuple(p for x, path in ((a, adapter_a), (b, adapter_b)) for p in (path, x.weights_path) if p)
+        check_not_input(plot_path, inputs)
+        check_output(plot_path, force, inputs)
     report = similarity(a, b, grids=grids or plot_path is not None)
     if plot_path is not None:
         from lora_tools.report.plots import plot_similarity

@@ -33,13 +33,17 @@ def spectrum_command(path: Path | None, module_glob: str | None, plot_path: Path
                      as_json: bool, quiet: bool, force: bool) -> None:
     """Exact singular values of s·B·A for each module of the adapter at PATH (default: the bundled example)."""
     from lora_tools.analysis import inspect_adapter, select_modules
-    from lora_tools.atomic import check_output
+    from lora_tools.atomic import check_not_input, check_output
     from lora_tools.formats import load_adapter
     from lora_tools.report.tables import render_spectrum_table
 
-    adapter = load_adapter(default_adapter(path), format_)
+    source = default_adapter(path)
+    adapter = load_adapter(source, format_)
     if plot_path is not None:
-        check_output(plot_path, force)
+        # --force must never let the plot replace the adapter it was drawn from
+        inputs = tuple(p for p in (source, adapter.weights_path) if p is not None)
+        check_not_input(plot_path, inputs)
+        check_output(plot_path, force, inputs)
     count = len(select_modules(adapter, module_glob))
     with progress_bar(count, "computing spectra", quiet) as advance:
         report = inspect_adapter(adapter, module_glob=module_glob, progress=advance)

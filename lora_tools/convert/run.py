@@ -254,7 +254,7 @@ def verify(original: Adapter, written: Adapter, mapping: dict[str, str]) -> dict
             raise VerificationError(f"verification failed: module {name} ({out_name}) is missing from the output")
         out = written.modules[out_name]
         same_factors = all(
-            torch.equal(original.source.get(a.key), written.source.get(b.key)) and a.dtype == b.dtype
+            _bit_equal(original.source.get(a.key), written.source.get(b.key)) and a.dtype == b.dtype
             for a, b in ((module.a_info, out.a_info), (module.b_info, out.b_info)))
         if same_factors and out.scale == module.scale and out.kind == module.kind:
             bit_exact += 1
@@ -280,8 +280,25 @@ def verify(original: Adapter, written: Adapter, mapping: dict[str, str]) -> dict
     return {"bit_exact_modules": bit_exact, "max_rel_difference": worst, "worst_module": worst_module}
 
 
+def _bit_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (unlike torch.equal, NaN factors copied as stored compare equal)."""
+    if x.dtype != y.dtype or x.shape != y.shape:
+        return False
+    return torch.equal(x.contiguous().reshape(-1).view(torch.uint8), y.contiguous().reshape(-1).view(torch.uint8))
+
+
+def check_finite(adapter: Adapter, names: Any) -> None:
+    """Refuse modules with NaN/Inf factors: a converted copy would spread a broken adapter under a new name."""
+    for name in names:
+        B, A = adapter.factors(name)
+        if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
+            raise ModuleMismatchError(f"{adapter.path}: module {name}: LoRA factors contain NaN or Inf; refusing to "
+                                      "convert (pass --allow-nonfinite to copy them unchanged)")
+
+
 def convert(source: Path, output: Path, to: str, *, base: Path | None = None, prefix: str | None = None,
-            allow_partial: bool = False, force: bool = False, input_format: str | None = None) -> dict[str, Any]:
+            allow_partial: bool = False, force: bool = False, input_format: str | None = None,
+            allow_nonfinite: bool = False) -> dict[str, Any]:
     """Convert the adapter at ``source`` to ``to`` at ``output`` (verified before it is moved into place)."""
     from lora_tools.atomic import check_not_input, check_output, move_into_place
     from lora_tools.formats import load_adapter
@@ -293,6 +310,8 @@ def convert(source: Path, output: Path, to: str, *, base: Path | None = None, pr
     check_not_input(output, inputs)
     check_output(output, force, inputs)
     plan = plan_conversion(adapter, to, base=base, prefix=prefix, allow_partial=allow_partial)
+    if not allow_nonfinite:
+        check_finite(adapter, plan.mapping)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".convert", dir=output.parent))
     try:
         staged = staging / output.name

@@ -37,6 +37,23 @@ def refuse_non_lora(path: Path, keys: Iterable[str]) -> None:
                 )
 
 
+# A LoRA factor key in any reader's naming (PEFT lora_A/B, kohya lora_down/up, diffusers lora.down/up and
+# processor _lora.down/up). One left among a reader's extra tensors means the file mixes naming schemes.
+_ANY_FACTOR_KEY = re.compile(r"([._](lora_A|lora_B|lora_down|lora_up)|\.lora(_linear_layer)?\.(down|up)|_lora\.(down|up))"
+                             r"\.weight$")
+
+
+def refuse_mixed_schemes(path: Path, extras: Iterable[TensorInfo], scheme: str) -> None:
+    """Raise if a tensor the reader did not take as a factor is a LoRA factor in another naming scheme (the same
+    module stored twice, or two adapters in one file): silently ignoring it would misread the file."""
+    for info in extras:
+        if _ANY_FACTOR_KEY.search(info.key):
+            raise AdapterFormatError(
+                f"{path}: tensor {info.key!r} is a LoRA factor named in another scheme than this file's {scheme} "
+                "names: LoRA factors under two naming schemes in one file are not supported"
+            )
+
+
 def check_factor(path: Path, module: str, role: str, info: TensorInfo) -> None:
     if info.dtype not in FLOAT_DTYPES:
         raise AdapterFormatError(

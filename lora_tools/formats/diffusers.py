@@ -20,6 +20,7 @@ from lora_tools.formats import peft
 from lora_tools.formats.common import (
     make_module,
     pair_factors,
+    refuse_mixed_schemes,
     refuse_non_lora,
     scalar_value,
     write_safetensors,
@@ -85,6 +86,7 @@ def read(path: Path) -> Adapter:
             extras.append(info)
     if not downs and not ups:
         raise AdapterFormatError(f"{path}: no diffusers LoRA tensors (*.lora.down.weight / *.lora.up.weight)")
+    refuse_mixed_schemes(path, extras, "diffusers")
     modules: dict[str, LoraModule] = {}
     for name in sorted(pair_factors(path, downs, ups, "down", "up"), key=peft.natural_key):
         rank = downs[name].shape[0] if downs[name].shape else 0

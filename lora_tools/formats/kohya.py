@@ -15,6 +15,7 @@ from lora_tools.formats.common import (
     format_number,
     make_module,
     pair_factors,
+    refuse_mixed_schemes,
     refuse_non_lora,
     scalar_value,
     write_safetensors,
@@ -59,6 +60,7 @@ def read(path: Path) -> Adapter:
             extras.append(info)
     if not downs and not ups:
         raise AdapterFormatError(f"{path}: no kohya LoRA tensors (*.lora_down.weight / *.lora_up.weight)")
+    refuse_mixed_schemes(path, extras, "kohya")
     orphans = sorted(set(alphas) - set(downs) - set(ups))
     if orphans:
         raise AdapterFormatError(f"{path}: module {orphans[0]} has an alpha but no lora_down/lora_up factors")

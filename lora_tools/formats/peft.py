@@ -20,6 +20,7 @@ from lora_tools.formats.common import (
     format_number,
     make_module,
     pair_factors,
+    refuse_mixed_schemes,
     refuse_non_lora,
     write_safetensors,
 )
@@ -172,6 +173,7 @@ def parse_lora_keys(path: Path, infos: dict[str, TensorInfo], prefix: str = PREF
                 "files holding several adapters are not supported"
             )
         slot[role] = info
+    refuse_mixed_schemes(path, extras, "PEFT")
     return groups, extras
 
 

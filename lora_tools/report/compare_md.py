@@ -156,14 +156,27 @@ def check_report_dir(path: Path, force: bool) -> None:
 
 
 def write_compare_report(report: dict[str, Any], path: Path, *, force: bool, json_text: str) -> None:
-    """report.md, report.json and the plots, each written atomically; other files in the folder are kept."""
+    """report.md, report.json and the plots, each written atomically; other files in the folder are kept.
+
+    All four are staged first and moved into place only once every one is written, so a failure half-way leaves
+    no partial report (and no folder, if this call created it).
+    """
+    import contextlib
+
     from lora_tools.report.compare_plots import plot_error_histogram, plot_error_vs_bits
 
     check_report_dir(path, force)
+    created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path / "report.json", force=force) as tmp:
-        tmp.write_text(json_text + "\n", encoding="utf-8")
-    plot_error_vs_bits(report, path / "error_vs_bits.png", force=force)
-    plot_error_histogram(report, path / "error_histogram.png", force=force)
-    with atomic_path(path / "report.md", force=force) as tmp:
-        tmp.write_text(render_compare_markdown(report), encoding="utf-8")
+    try:
+        with contextlib.ExitStack() as stack:
+            staged = {name: stack.enter_context(atomic_path(path / name, force=force)) for name in REPORT_FILES}
+            staged["report.json"].write_text(json_text + "\n", encoding="utf-8")
+            plot_error_vs_bits(report, staged["error_vs_bits.png"], force=True)
+            plot_error_histogram(report, staged["error_histogram.png"], force=True)
+            staged["report.md"].write_text(render_compare_markdown(report), encoding="utf-8")
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only if empty: never removes anything that was not ours
+        raise
