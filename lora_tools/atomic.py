@@ -22,6 +22,8 @@ def check_output(path: Path, force: bool, inputs: tuple[Path, ...] = ()) -> None
     if path.exists() and not force:
         raise OutputExistsError(f"{path}: already exists; pass --force to overwrite it")
     parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise LoraToolsError(f"{path}: output folder {parent} is a file, not a folder")
     if not parent.is_dir():
         raise LoraToolsError(f"{path}: output folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
