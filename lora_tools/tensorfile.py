@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -186,7 +185,30 @@ class SafetensorsSource:
             raise AdapterFormatError(f"{self.path}: cannot read tensor {key!r}: {exc}") from exc
 
 
-class StateDictSource:
+class MemorySource:
+    """Tensors held in memory (e.g. a freshly truncated adapter), with the same surface as a file source.
+
+    ``path`` only names where the tensors came from, for messages; nothing is read from it.
+    """
+
+    def __init__(self, tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None):
+        self.path = path
+        self.metadata = dict(metadata or {})
+        self._tensors = tensors
+        self._infos = {
+            key: TensorInfo(key, safetensors_dtype(t), tuple(t.shape)) for key, t in tensors.items()
+        }
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def get(self, key: str) -> Any:
+        if key not in self._tensors:
+            raise AdapterFormatError(f"{self.path}: no tensor {key!r} (in memory)")
+        return self._tensors[key]
+
+
+class StateDictSource(MemorySource):
     """A PyTorch pickle (``.bin``/``.pt``) loaded with ``weights_only=True``: a flat mapping of tensors."""
 
     def __init__(self, path: Path):
@@ -194,8 +216,6 @@ class StateDictSource:
 
         import torch
 
-        self.path = path
-        self.metadata = {}
         try:
             size = path.stat().st_size
             with path.open("rb") as handle:
@@ -222,19 +242,7 @@ class StateDictSource:
         bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
         if bad:
             raise AdapterFormatError(f"{path}: entry {bad[0]!r} is not a tensor; expected a flat state dict")
-        self._state = state
-        self._infos = {
-            key: TensorInfo(key, _TORCH_TO_ST.get(str(t.dtype), str(t.dtype)), tuple(t.shape))
-            for key, t in state.items()
-        }
-
-    def infos(self) -> dict[str, TensorInfo]:
-        return self._infos
-
-    def get(self, key: str) -> Any:
-        if key not in self._state:
-            raise AdapterFormatError(f"{self.path}: no tensor {key!r}")
-        return self._state[key]
+        super().__init__(state, path)
 
 
 def _torch_load_weights_only(torch: Any, path: Path) -> Any:
@@ -254,33 +262,6 @@ def open_tensor_file(path: Path) -> TensorSource:
     return SafetensorsSource(path)
 
 
-def keys_with_suffix(keys: Iterable[str], suffixes: tuple[str, ...]) -> list[str]:
-    return [k for k in keys if k.endswith(suffixes)]
-
-
 def safetensors_dtype(tensor: Any) -> str:
     """The safetensors spelling (F32, F16, ...) of a torch tensor's dtype."""
     return _TORCH_TO_ST.get(str(tensor.dtype), str(tensor.dtype))
-
-
-class MemorySource:
-    """Tensors held in memory (e.g. a freshly truncated adapter), with the same surface as a file source.
-
-    ``path`` only names where the tensors came from, for messages; nothing is read from it.
-    """
-
-    def __init__(self, tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None):
-        self.path = path
-        self.metadata = dict(metadata or {})
-        self._tensors = tensors
-        self._infos = {
-            key: TensorInfo(key, safetensors_dtype(t), tuple(t.shape)) for key, t in tensors.items()
-        }
-
-    def infos(self) -> dict[str, TensorInfo]:
-        return self._infos
-
-    def get(self, key: str) -> Any:
-        if key not in self._tensors:
-            raise AdapterFormatError(f"{self.path}: no tensor {key!r} (in memory)")
-        return self._tensors[key]
