@@ -17,6 +17,7 @@ from lora_tools.adapter import Adapter
 from lora_tools.convert.run import alignment_keys
 from lora_tools.errors import ModuleMismatchError
 from lora_tools.linalg import lowrank_svd, single_threaded
+from lora_tools.linalg.metrics import FLOAT32_EPS
 from lora_tools.linalg.products import cosine, subspace_similarity
 
 
@@ -49,8 +50,16 @@ def module_similarity(a: Adapter, name_a: str, b: Adapter, name_b: str) -> dict[
                                       "no similarity can be computed")
     B_a, B_b = B_a * mod_a.scale, B_b * mod_b.scale
     svd_a, svd_b = lowrank_svd(B_a, A_a), lowrank_svd(B_b, A_b)
-    left = subspace_similarity(svd_a.U, svd_b.U)
-    right = subspace_similarity(svd_a.Vh.T, svd_b.Vh.T)
+    shape = (mod_a.out_features, mod_a.in_features)
+    # Singular vectors of (numerically) zero singular values are arbitrary: compare only the directions each
+    # update really has. An update that is zero everywhere (untrained B) has no subspace at all.
+    k_a, k_b = _numerical_rank(svd_a.S, shape), _numerical_rank(svd_b.S, shape)
+    flags = [f"zero_update_{side}" for side, k in (("a", k_a), ("b", k_b)) if k == 0]
+    if flags:
+        left = right = None
+    else:
+        left = subspace_similarity(svd_a.U[:, :k_a], svd_b.U[:, :k_b])
+        right = subspace_similarity(svd_a.Vh[:k_a].T, svd_b.Vh[:k_b].T)
     return {
         "name": name_a,
         "name_b": name_b,
@@ -58,13 +67,21 @@ def module_similarity(a: Adapter, name_a: str, b: Adapter, name_b: str) -> dict[
         "rank_a": mod_a.rank,
         "rank_b": mod_b.rank,
         "cosine": cosine(B_a, A_a, B_b, A_b),
-        "phi_left_top1": float(left[0, 0]),
-        "phi_left_full": float(left[-1, -1]),
-        "phi_right_top1": float(right[0, 0]),
-        "phi_right_full": float(right[-1, -1]),
-        "phi_left": left.tolist(),
-        "phi_right": right.tolist(),
+        "phi_left_top1": float(left[0, 0]) if left is not None else None,
+        "phi_left_full": float(left[-1, -1]) if left is not None else None,
+        "phi_right_top1": float(right[0, 0]) if right is not None else None,
+        "phi_right_full": float(right[-1, -1]) if right is not None else None,
+        "phi_left": left.tolist() if left is not None else None,
+        "phi_right": right.tolist() if right is not None else None,
+        "flags": flags,
     }
+
+
+def _numerical_rank(S: torch.Tensor, shape: tuple[int, int]) -> int:
+    """Count of σ above max(out, in)·ε_fp32·σ_max, the same rule inspect reports as numerical_rank."""
+    if S.numel() == 0 or float(S.max()) == 0.0:
+        return 0
+    return int((S > max(shape) * FLOAT32_EPS * S.max()).sum())
 
 
 def similarity(a: Adapter, b: Adapter, *, grids: bool = True) -> dict[str, Any]:

@@ -71,3 +71,20 @@ def test_no_common_module_is_an_error(tmp_path: Path) -> None:
     a = write_peft(tmp_path / "a", lora_tensors({"m.q": (8, 6, 2)}), r=2)
     b = write_peft(tmp_path / "b", lora_tensors({"m.k": (8, 6, 2)}), r=2)
     assert_one_line_error(run_cli("similarity", str(a), str(b)), "no module in common")
+
+
+def test_zero_update_has_no_subspace(tmp_path: Path) -> None:
+    """An untrained module (B = 0) has arbitrary singular vectors: φ is undefined, not 1.0."""
+
+    trained = write_peft(tmp_path / "a", lora_tensors({"q_proj": (8, 8, 4)}))
+    zero_tensors = lora_tensors({"q_proj": (8, 8, 4)}, seed=1)
+    zero_tensors["base_model.model.q_proj.lora_B.weight"].zero_()
+    zero = write_peft(tmp_path / "b", zero_tensors)
+    result = run_cli("similarity", str(trained), str(zero), "--json")
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)["modules"][0]
+    assert row["phi_left_top1"] is None and row["phi_right_full"] is None
+    assert row["flags"] == ["zero_update_b"] and row["cosine"] == 0
+    plot = run_cli("similarity", str(trained), str(zero), "--plot", str(tmp_path / "p.png"))
+    assert plot.exit_code == 1 and "no singular subspace" in plot.stderr
+    assert not (tmp_path / "p.png").exists()

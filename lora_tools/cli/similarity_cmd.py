@@ -49,6 +49,9 @@ def similarity_command(adapter_a: Path, adapter_b: Path, plot_path: Path | None,
                                                                                               r["name_b"])), None)
         if chosen is None:
             raise ModuleMismatchError(f"--module {module_name}: not a module common to both adapters")
+        if chosen["phi_left"] is None:
+            raise ModuleMismatchError(f"module {chosen['name']}: one update is zero ({', '.join(chosen['flags'])}); "
+                                      "it has no singular subspace to plot")
         plot_similarity(chosen, plot_path, force=force)
         if not grids:
             for row in rows:
