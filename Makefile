@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/loratools inspect
-	$(VENV)/bin/loratools spectrum --plot reports/example/spectrum.png > /dev/null
-	$(VENV)/bin/loratools compare-quant --report reports/example --force --quiet > /dev/null
-	@echo "wrote reports/example/spectrum.png"
+	$(VENV)/bin/loratools spectrum --plot reports/example/spectrum.png --force --quiet > /dev/null
+	$(VENV)/bin/loratools compare-quant --report reports/example --force
+	@echo "wrote reports/example/ (report.md, report.json, plots)"
 
 test: $(STAMP)
 	$(PY) -m ruff check lora_tools tests benchmarks scripts
