@@ -128,8 +128,12 @@ def write_adapter(out: Path, layers: int = 32, seed: int = DEFAULT_SEED) -> Path
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: a new dir in /tmp)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output directory (default: a new dir in /tmp)"
+    )
     parser.add_argument("--layers", type=int, default=32, help="number of decoder layers (default: 32)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"RNG seed (default: {DEFAULT_SEED})")
     args = parser.parse_args(argv)
