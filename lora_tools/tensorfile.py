@@ -42,6 +42,26 @@ _TORCH_TO_ST = {
 LFS_POINTER_PREFIX = b"version https://git-lfs"
 
 
+def _torch_dtypes() -> dict[str, Any]:
+    import torch
+
+    table = {st: getattr(torch, name.split(".")[1]) for name, st in _TORCH_TO_ST.items()
+             if hasattr(torch, name.split(".")[1])}
+    return table
+
+
+class _LazyDtypes(dict):
+    """safetensors dtype -> torch dtype, built on first use (importing torch is slow)."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if not self:
+            self.update(_torch_dtypes())
+        return super().get(key, default)
+
+
+_ST_TO_TORCH_DTYPE = _LazyDtypes()
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """What a file says about one tensor, known without reading its data."""
@@ -82,6 +102,12 @@ def check_not_lfs_pointer(path: Path, head: bytes) -> None:
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header; return (tensor infos by key, ``__metadata__``)."""
+    infos, metadata, _, _ = _read_header(path)
+    return infos, metadata
+
+
+def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], dict[str, tuple[int, int]], int]:
+    """(infos, metadata, data_offsets by key, byte offset of the data section) of a validated header."""
     try:
         size = path.stat().st_size
         with path.open("rb") as handle:
@@ -124,11 +150,12 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         begin, end = entry["data_offsets"]
         if end > begin:
             spans.append((begin, end, key))
+    offsets = {key: (begin, end) for begin, end, key in spans}
     spans.sort()
     for (_, prev_end, prev_key), (begin, _, key) in zip(spans, spans[1:], strict=False):
         if begin < prev_end:
             raise AdapterFormatError(f"{path}: tensors {prev_key!r} and {key!r} overlap in the data section")
-    return infos, dict(metadata)
+    return infos, dict(metadata), offsets, 8 + header_len
 
 
 def _validate_entry(path: Path, key: str, entry: Any, data_len: int) -> TensorInfo:
@@ -159,30 +186,43 @@ def _validate_entry(path: Path, key: str, entry: Any, data_len: int) -> TensorIn
 
 
 class SafetensorsSource:
-    """A safetensors file: validated header now, memory-mapped tensors on demand."""
+    """A safetensors file: validated header now, one tensor at a time on demand.
+
+    Tensors are read with plain positioned reads into fresh buffers rather than through a memory map: a map's
+    touched pages stay in the process's resident set until the kernel reclaims them, so reading a 1 GB adapter
+    module by module would still look like 1 GB of RSS. Here memory holds the tensors the caller keeps.
+    """
 
     def __init__(self, path: Path):
         self.path = path
-        self._infos, self.metadata = read_safetensors_header(path)
-        self._handle: Any = None
+        self._infos, self.metadata, self._offsets, self._data_start = _read_header(path)
 
     def infos(self) -> dict[str, TensorInfo]:
         return self._infos
 
     def get(self, key: str) -> Any:
-        if key not in self._infos:
-            raise AdapterFormatError(f"{self.path}: no tensor {key!r}")
-        if self._handle is None:
-            from safetensors import safe_open
+        import torch
 
-            try:
-                self._handle = safe_open(str(self.path), framework="pt")
-            except Exception as exc:  # safetensors raises its own SafetensorError on corrupt input
-                raise AdapterFormatError(f"{self.path}: cannot open as safetensors: {exc}") from exc
+        info = self._infos.get(key)
+        if info is None:
+            raise AdapterFormatError(f"{self.path}: no tensor {key!r}")
+        dtype = _ST_TO_TORCH_DTYPE.get(info.dtype)
+        if dtype is None:
+            raise AdapterFormatError(f"{self.path}: tensor {key!r} has dtype {info.dtype}, which torch cannot hold")
+        begin, end = self._offsets.get(key, (0, 0))
+        buffer = bytearray(end - begin)
         try:
-            return self._handle.get_tensor(key)
-        except Exception as exc:
-            raise AdapterFormatError(f"{self.path}: cannot read tensor {key!r}: {exc}") from exc
+            with self.path.open("rb") as handle:
+                handle.seek(self._data_start + begin)
+                got = handle.readinto(buffer)
+        except OSError as exc:
+            raise AdapterFormatError(f"{self.path}: cannot read tensor {key!r}: {exc.strerror or exc}") from exc
+        if got != len(buffer):
+            raise AdapterFormatError(f"{self.path}: tensor {key!r} is cut short (file changed or truncated)")
+        if not buffer:
+            return torch.empty(info.shape, dtype=dtype)
+        # safetensors stores little-endian, like every platform torch runs on here.
+        return torch.frombuffer(buffer, dtype=dtype).reshape(info.shape)
 
 
 class MemorySource:
