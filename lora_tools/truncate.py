@@ -17,13 +17,14 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from lora_tools.adapter import Adapter, LoraModule
+from lora_tools.calibration import activation_aware_factors
 from lora_tools.errors import InvalidOptionError, ModuleMismatchError
 from lora_tools.linalg import lowrank_svd
 from lora_tools.linalg.truncate import (
@@ -132,13 +133,20 @@ def alpha_for(scale: float, rank: int, rslora: bool) -> float:
 @torch.no_grad()
 def truncate(adapter: Adapter, *, rank: Any = None, energy: Any = None, method: str | None = None,
              threshold: Any = None, avg_rank: Any = None, dtype: str = "keep", allow_nonfinite: bool = False,
+             covariances: Mapping[str, torch.Tensor] | None = None,
              progress: Callable[[int], None] | None = None) -> TruncateResult:
     """Truncate every module of ``adapter``; returns the new in-memory adapter and a report (plain data).
 
     Exactly one selector: ``rank`` (every module to min(rank, its rank)), ``energy`` (smallest rank keeping that
     fraction of Σσ²), ``method`` + ``threshold`` (kohya's sv_ratio / sv_fro / sv_cumulative) or ``avg_rank``
     (a global parameter budget equal to rank ``avg_rank`` everywhere, allocated for the most retained energy).
+
+    With ``covariances`` (module name -> input covariance C = Σ x xᵀ from calibration data), those modules are
+    truncated activation-aware: the rank-k update minimising the error on layer outputs ‖(ΔW − ΔŴ) X‖_F
+    instead of ‖ΔW − ΔŴ‖_F (see ``calibration.activation_aware_factors``), and ranks are chosen on the output
+    spectrum sqrt(λ_i) of ΔW C ΔWᵀ. The report then also gives the retained output energy.
     """
+    covariances = covariances or {}
     rule = select_rule(rank=rank, energy=energy, method=method, threshold=threshold, avg_rank=avg_rank)
     output_dtype(dtype, "F32")  # validate before any work
     advance = progress or (lambda n: None)
@@ -151,7 +159,10 @@ def truncate(adapter: Adapter, *, rank: Any = None, energy: Any = None, method: 
             if B is None:
                 nonfinite.append(name)
                 continue
-            spectra[name] = lowrank_svd(B, A, module.scale, compute_uv=False).S
+            if name in covariances:
+                spectra[name] = activation_aware_factors(B, A, module.scale, covariances[name])[1].sqrt()
+            else:
+                spectra[name] = lowrank_svd(B, A, module.scale, compute_uv=False).S
         ranks, allocation = _budget_ranks(adapter, spectra, rule)
         description = f"avg-rank {rule} ({allocation})"
     else:
@@ -172,12 +183,26 @@ def truncate(adapter: Adapter, *, rank: Any = None, energy: Any = None, method: 
             rows.append(_row(module, module.rank, float("nan"), ["nonfinite (kept unchanged)"]))
             advance(1)
             continue
-        svd = lowrank_svd(B, A, module.scale)  # U: (out, m), S: (m,), Vh: (m, in), m = min(r, out, in)
+        if name in covariances:
+            # Output-space directions: U (out, m), λ (m,) and T = Uᵀ·ΔW (m, in), ΔŴ = U_k T_k.
+            U_out, out_energy, T_out = activation_aware_factors(B, A, module.scale, covariances[name])
+            selection = out_energy.sqrt()
+        else:
+            svd = lowrank_svd(B, A, module.scale)  # U: (out, m), S: (m,), Vh: (m, in), m = min(r, out, in)
+            selection = svd.S
+        new_rank = ranks[name] if name in ranks else rule.select(selection)  # type: ignore[union-attr]
+        new_rank = max(1, min(new_rank, selection.numel()))
+        if name in covariances:
+            energy_total = float(T_out.square().sum())  # ‖ΔW‖_F², as U has orthonormal columns
+            # ΔŴ = U_k U_kᵀ ΔW is an orthogonal projection of ΔW, so ‖ΔW − ΔŴ‖² = ‖ΔW‖² − ‖ΔŴ‖² still holds.
+            svd = lowrank_svd(U_out[:, :new_rank], T_out[:new_rank])
+            kept = float(svd.S.square().sum()) / energy_total if energy_total > 0 else 1.0
+            output_kept = retained_energy(selection, new_rank)
+        else:
+            kept = retained_energy(svd.S, new_rank)
+            energy_total = float(svd.S.square().sum())
+            output_kept = None
         S = svd.S
-        new_rank = ranks[name] if name in ranks else rule.select(S)  # type: ignore[union-attr]
-        new_rank = max(1, min(new_rank, S.numel()))
-        kept = retained_energy(S, new_rank)
-        energy_total = float(S.square().sum())
         total_energy += energy_total
         kept_energy += kept * energy_total
         new_scale = module.scale if module.scale > 0 and math.isfinite(module.scale) else 1.0
@@ -185,7 +210,7 @@ def truncate(adapter: Adapter, *, rank: Any = None, energy: Any = None, method: 
         new_B = svd.U[:, :new_rank] * root  # (out, k)
         new_A = root[:, None] * svd.Vh[:new_rank]  # (k, in)
         modules[name] = _new_module(adapter, module, new_B, new_A, new_rank, new_scale, rslora, dtype, tensors)
-        rows.append(_row(module, new_rank, kept, []))
+        rows.append(_row(module, new_rank, kept, [], output_kept))
         advance(1)
 
     _carry_extras(adapter, modules, tensors)
@@ -282,7 +307,8 @@ def _st(tensor: torch.Tensor) -> str:
     return safetensors_dtype(tensor)
 
 
-def _row(module: LoraModule, new_rank: int, kept: float, flags: list[str]) -> dict[str, Any]:
+def _row(module: LoraModule, new_rank: int, kept: float, flags: list[str],
+         output_kept: float | None = None) -> dict[str, Any]:
     return {
         "name": module.name,
         "kind": module.kind,
@@ -291,6 +317,11 @@ def _row(module: LoraModule, new_rank: int, kept: float, flags: list[str]) -> di
         "new_rank": new_rank,
         "retained_energy": kept,
         "rel_fro_error": relative_error(kept) if math.isfinite(kept) else float("nan"),
+        "method": "activation-aware" if output_kept is not None else "svd",
+        # Activation-aware modules: share of the calibration output energy ‖ΔW X‖² kept, and the relative
+        # output error sqrt(1 − that) — the quantity this method minimises.
+        "retained_output_energy": output_kept,
+        "rel_output_error": relative_error(output_kept) if output_kept is not None else None,
         "flags": flags,
     }
 

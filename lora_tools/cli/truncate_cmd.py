@@ -37,6 +37,14 @@ from lora_tools.cli._common import (
 @click.option("--dtype", default="keep", show_default=True, type=click.Choice(["keep", "fp16", "bf16", "fp32"]),
               help="dtype of the written factors.")
 @click.option("--allow-nonfinite", is_flag=True, help="Copy modules with NaN/Inf factors unchanged instead of failing.")
+@click.option("--base", type=click.Path(path_type=Path), default=None, metavar="MODEL",
+              help="Activation-aware: a local transformers model folder to run (default with --calib: the "
+                   "adapter's base_model_name_or_path when it resolves locally).")
+@click.option("--calib", default=None, metavar="FILE",
+              help="Activation-aware: plain-text calibration file (blank-line-separated documents), or "
+                   "'bundled' for the bundled corpus. Minimises the error on layer outputs instead of ‖ΔW − ΔŴ‖.")
+@click.option("--max-tokens", default=8192, show_default=True, type=click.IntRange(min=1),
+              help="Calibration tokens to run (activation-aware only).")
 @format_option
 @json_option
 @quiet_option
@@ -44,12 +52,17 @@ from lora_tools.cli._common import (
 @error_boundary
 def truncate_command(path: Path | None, output: Path, rank: str | None, energy: str | None, method: str | None,
                      threshold: str | None, avg_rank: str | None, to_format: str | None, dtype: str,
-                     allow_nonfinite: bool, format_: str | None, as_json: bool, quiet: bool, force: bool) -> None:
+                     allow_nonfinite: bool, base: Path | None, calib: str | None, max_tokens: int,
+                     format_: str | None, as_json: bool, quiet: bool, force: bool) -> None:
     """Truncate the adapter at PATH (default: the bundled example) and write it to OUT.
 
     Each module's update s·B·A is replaced by its best rank-k approximation (Eckart–Young), computed exactly from
     the factors (QR of B and Aᵀ plus an r x r SVD; the out x in update is never formed). The report gives, per
     module, the kept share of Σσ² and the relative Frobenius error sqrt(1 − that).
+
+    With --base/--calib the rank-k update instead minimises the error on the layer's outputs for real inputs,
+    ‖(ΔW − ΔŴ)X‖ (X: the layer's inputs when the base model, adapter applied, runs on the calibration text),
+    through an r x r eigenproblem per module; conv and embedding modules keep plain SVD truncation.
     """
     from lora_tools.atomic import check_not_input, check_output
     from lora_tools.formats import load_adapter, save_adapter
@@ -63,9 +76,21 @@ def truncate_command(path: Path | None, output: Path, rank: str | None, energy: 
     inputs = tuple(p for p in (source, adapter.weights_path) if p is not None)
     check_not_input(output, inputs)
     check_output(output, force, inputs)
+    calibration = None
+    if base is not None or calib is not None:
+        from lora_tools.calibration import collect_covariances
+
+        calib_path = None if calib in (None, "bundled") else Path(calib)
+        if not quiet:
+            click.echo(f"calibrating: running the base model on up to {max_tokens} tokens", err=True)
+        calibration = collect_covariances(adapter, base, calib_path, max_tokens=max_tokens)
     with progress_bar(len(adapter.modules), "truncating modules", quiet) as advance:
         result = truncate(adapter, rank=rank, energy=energy, method=method, threshold=threshold,
-                          avg_rank=avg_rank, dtype=dtype, allow_nonfinite=allow_nonfinite, progress=advance)
+                          avg_rank=avg_rank, dtype=dtype, allow_nonfinite=allow_nonfinite,
+                          covariances=calibration.covariances if calibration else None, progress=advance)
+    if calibration is not None:
+        result.report["calibration"] = {"base_model": str(calibration.base_path), "source": calibration.source,
+                                        "tokens": calibration.tokens, "plain_svd_modules": calibration.skipped}
     save_adapter(result.adapter, output, to_format, force=force, inputs=inputs)
     report = {**result.report, "output": str(output), "output_format": to_format or adapter.format}
     if as_json:

@@ -28,6 +28,7 @@ import torch
 
 from lora_tools import __version__
 from lora_tools.adapter import Adapter, LoraModule
+from lora_tools.calibration import CAPTURE_KINDS
 from lora_tools.capture import (
     CovarianceAccumulator,
     holdout_split,
@@ -68,7 +69,6 @@ log = logging.getLogger(__name__)
 TARGETS = ("delta", "merged", "base")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_RANKS = {"delta": (1, 2, 4, 8), "merged": (8, 32, 128), "base": (8, 32, 128)}
-CAPTURE_KINDS = ("linear", "conv1d")  # layers whose input a forward hook sees as (..., in)
 # Relative tolerance of the built-in check: svd-act's calibration error² vs the eigenvalue tail (both float64).
 OPTIMAL_CHECK_RTOL = 1e-6
 

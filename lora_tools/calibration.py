@@ -1,0 +1,96 @@
+"""Input covariances C = Σ x xᵀ of an adapter's layers, from running its real base model on calibration text.
+
+Shared by activation-aware truncation (`truncate --base --calib`); compare-quant drives the same pieces
+(``capture``, ``basemodel``) with a held-out split of its own. The adapter is applied through hooks while the
+model runs, so each layer sees the inputs it has in the adapted model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lora_tools.adapter import Adapter
+from lora_tools.capture import (
+    CovarianceAccumulator,
+    lora_hooks,
+    read_documents,
+    run_model,
+    tokenize_documents,
+)
+from lora_tools.errors import ModuleMismatchError
+
+CAPTURE_KINDS = ("linear", "conv1d")  # layers whose input a forward hook sees as (..., in)
+
+
+@dataclass
+class Calibration:
+    covariances: dict[str, torch.Tensor]  # module name -> C (in, in), float64
+    tokens: int
+    base_path: Path
+    source: str
+    skipped: list[str] = field(default_factory=list)  # modules without a covariance, with the reason
+
+
+@torch.no_grad()
+def collect_covariances(adapter: Adapter, base: Path | None, calib: Path | None, *, max_tokens: int = 8192,
+                        max_length: int = 128, batch_size: int = 32, device: str = "cpu",
+                        progress: Callable[[int], None] | None = None) -> Calibration:
+    """Run the base model (adapter applied) on ``calib`` (default: the bundled corpus) and accumulate C per layer."""
+    from lora_tools.basemodel import load_base, match_modules, resolve_base
+    from lora_tools.data import calib_corpus_path
+
+    calib_path = calib if calib is not None else calib_corpus_path()
+    documents = read_documents(calib_path)  # validate the text before loading a model
+    base_path = resolve_base(adapter, base)
+    model, tokenizer = load_base(base_path, device, torch.float32)
+    mapping = match_modules(model, list(adapter.modules))
+    skipped = [f"{name} (not found in {base_path})" for name in mapping.unmatched]
+    modules = {}
+    for name, module in mapping.modules.items():
+        if adapter.modules[name].kind in CAPTURE_KINDS:
+            modules[name] = module
+        else:
+            skipped.append(f"{name} ({adapter.modules[name].kind} layer: plain SVD truncation)")
+    if not modules:
+        raise ModuleMismatchError(f"{base_path}: none of the adapter's linear modules exist in the base model; "
+                                  "is --base the model this adapter was trained on?")
+    accumulators = {name: CovarianceAccumulator(adapter.modules[name].in_features, device) for name in modules}
+    factors = {}
+    for name in modules:
+        B, A = adapter.factors(name)  # float32, B: (out, r), A: (r, in)
+        factors[name] = (B.to(device), A.to(device), adapter.modules[name].scale)
+    corpus = tokenize_documents(tokenizer, documents, max_tokens, max_length)
+
+    def on_input(name: str, x: torch.Tensor) -> None:
+        accumulators[name].update(x)
+
+    with lora_hooks(modules, factors):
+        run_model(model, modules, corpus.sequences, on_input, pad_id=int(tokenizer.pad_token_id),
+                  batch_size=batch_size, device=device, progress=progress)
+    return Calibration({name: acc.gram.cpu() for name, acc in accumulators.items()},
+                       tokens=next(iter(accumulators.values())).tokens, base_path=base_path,
+                       source=str(calib_path), skipped=skipped)
+
+
+@torch.no_grad()
+def activation_aware_factors(B: torch.Tensor, A: torch.Tensor, scale: float,
+                             C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For ΔW = s·B·A and input covariance C: (U, λ, T) with ΔW C ΔWᵀ = U diag(λ) Uᵀ (λ descending).
+
+    The rank-k update minimising ‖(ΔW − ΔŴ) X‖_F is ΔŴ = U_k U_kᵀ ΔW (no inverse of C, so a singular C is fine);
+    its squared output error is Σ_{i>k} λ_i. With B = Q R, ΔW C ΔWᵀ = Q (s² R G Rᵀ) Qᵀ, G = A C Aᵀ: an r x r
+    eigenproblem, and U_kᵀ ΔW = V_kᵀ (s R A) =: T_k, so ΔŴ = (Q V_k) T_k is built from (r x in) work only.
+    Returns U = Q V (out, m), λ (m,), T = Vᵀ s R A (m, in), m = min(out, r).
+    """
+    B = B.to(torch.float64)
+    A = A.to(torch.float64)
+    Q, R = torch.linalg.qr(B)  # Q: (out, m), R: (m, r)
+    RA = scale * (R @ A)  # (m, in): ΔW = Q · RA
+    core = RA @ C.to(torch.float64) @ RA.T  # (m, m)
+    values, vectors = torch.linalg.eigh((core + core.T) / 2)
+    values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+    return Q @ vectors, values, vectors.T @ RA
