@@ -6,13 +6,11 @@ from typing import Any
 
 from tabulate import tabulate
 
+from lora_tools.report.tables import format_number
+
 
 def _num(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
+    return format_number(value, digits, missing="-")
 
 
 def _ranks(ranks: list[int | None]) -> str:

@@ -7,9 +7,10 @@ from typing import Any
 from tabulate import tabulate
 
 
-def _num(value: Any, digits: int = 4) -> str:
+def format_number(value: Any, digits: int = 4, missing: str = "nan") -> str:
+    """A number for a text table: floats to ``digits`` significant digits, None as ``missing``."""
     if value is None:
-        return "nan"
+        return missing
     if isinstance(value, float):
         return f"{value:.{digits}g}"
     return str(value)
@@ -52,8 +53,8 @@ INSPECT_COLUMNS = ("module", "shape", "rank", "alpha", "scale", "‖ΔW‖F", "�
 
 def render_inspect_table(rows: list[dict[str, Any]]) -> str:
     table = [
-        (r["name"], "x".join(map(str, r["shape"])), r["rank"], _num(r["alpha"]), _num(r["scale"]),
-         _num(r["fro_norm"]), _num(r["sigma_max"]), _num(r["stable_rank"], 3), _num(r["effective_rank"], 3),
+        (r["name"], "x".join(map(str, r["shape"])), r["rank"], format_number(r["alpha"]), format_number(r["scale"]),
+         format_number(r["fro_norm"]), format_number(r["sigma_max"]), format_number(r["stable_rank"], 3), format_number(r["effective_rank"], 3),
          r["rank_90"], r["rank_99"], r["numerical_rank"], ",".join(r["flags"]) or "-")
         for r in rows
     ]
@@ -70,7 +71,7 @@ def render_spectrum_table(rows: list[dict[str, Any]], max_values: int = 16) -> s
     table = []
     for r in rows:
         values = r["singular_values"]
-        shown = " ".join(_num(v, 4) for v in values[:max_values])
+        shown = " ".join(format_number(v, 4) for v in values[:max_values])
         if len(values) > max_values:
             shown += f" … (+{len(values) - max_values})"
         table.append((r["name"], r["rank"], shown))
@@ -81,8 +82,8 @@ def render_spectrum_table(rows: list[dict[str, Any]], max_values: int = 16) -> s
 def render_truncate_table(report: dict[str, Any]) -> str:
     """Per-module ranks and errors of a truncation, then the totals."""
     rows = [
-        [row["name"], row["old_rank"], row["new_rank"], _num(row["retained_energy"], 6),
-         _num(row["rel_fro_error"], 4), ", ".join(row["flags"])]
+        [row["name"], row["old_rank"], row["new_rank"], format_number(row["retained_energy"], 6),
+         format_number(row["rel_fro_error"], 4), ", ".join(row["flags"])]
         for row in report["modules"]
     ]
     table = tabulate(rows, headers=["module", "rank", "new rank", "retained energy", "rel. error", "flags"],
@@ -94,7 +95,7 @@ def render_truncate_table(report: dict[str, Any]) -> str:
         f"selection: {report['selection']}",
         f"parameters: {before:,} -> {after:,} ({after / before:.1%})" if before else f"parameters: {after:,}",
         f"tensor bytes: {report['bytes_before']:,} -> {report['bytes_after']:,}",
-        f"retained energy (all modules): {_num(report['retained_energy'], 6)}",
+        f"retained energy (all modules): {format_number(report['retained_energy'], 6)}",
     ]
     lines += [f"warning: {w}" for w in report["warnings"]]
     return "\n".join(lines)
