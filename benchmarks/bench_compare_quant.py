@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_truncate import DEFAULT_REPORT, write_report  # noqa: E402
+from sections import DEFAULT_REPORT, write_section  # noqa: E402
 
 SECTION_TITLE = "## compare-quant (issue 4)"
 COMMAND = [sys.executable, "-m", "lora_tools", "compare-quant", "--json", "--quiet"]
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ])
     print(table)
     if args.write_report:
-        write_report(args.report, ".venv/bin/python benchmarks/bench_compare_quant.py --write-report", table,
-                     SECTION_TITLE)
+        write_section(args.report, SECTION_TITLE, ".venv/bin/python benchmarks/bench_compare_quant.py "
+                      "--write-report", table)
     return 0
 
 

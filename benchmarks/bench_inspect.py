@@ -28,7 +28,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import platform
@@ -57,9 +56,9 @@ from make_synthetic_adapter import (  # noqa: E402
     module_specs,
     write_adapter,
 )
+from sections import DEFAULT_REPORT, write_section  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_REPORT = REPO_ROOT / "reports" / "benchmarks.md"
 SECTION_TITLE = "## inspect (issue 2)"
 SV_RTOL = 1e-4
 TARGET_INSPECT_OVER_READ = 2.0
@@ -554,11 +553,7 @@ def display_command(argv: Sequence[str]) -> str:
 
 def write_report(report: Path, command: str, table: str) -> None:
     """Replace (or append) the section ``SECTION_TITLE`` in ``report``, leaving other sections alone."""
-    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = (
-        f"{SECTION_TITLE}\n\n"
-        f"Date: {now}\n\n"
-        f"Command (from the repository root):\n\n```\n{command}\n```\n\n"
+    body = (
         "Page cache warm (one untimed warm-up run of (a) and (b)); (a0), (a) and (b) repeated and "
         "interleaved, medians shown; peak RSS is the largest of the runs. CPU = user + sys of the "
         "process, all threads; peak RSS is the measured process's own (reaped by a ~10 MiB launcher, "
@@ -567,21 +562,7 @@ def write_report(report: Path, command: str, table: str) -> None:
         "wide ΔW are transposed first (faster, so (c) is the dense approach at its best).\n\n"
         f"{table}\n"
     )
-    text = report.read_text() if report.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION_TITLE), None)
-    if start is None:
-        new_text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        after = "".join(lines[end:])
-        new_text = "".join(lines[:start]) + section + ("\n" + after if after else "")
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(new_text)
-    print(f"updated section '{SECTION_TITLE}' in {report}")
-
-
-# --------------------------------------------------------------------------------------------------
+    write_section(report, SECTION_TITLE, command, body)
 
 
 def adapter_scale(adapter: Path) -> tuple[float, int]:

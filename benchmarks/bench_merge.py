@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_truncate import DEFAULT_REPORT, write_report  # noqa: E402
 from make_synthetic_adapter import LAYER_MODULES, module_specs, write_adapter  # noqa: E402
+from sections import DEFAULT_REPORT, write_section  # noqa: E402
 
 from lora_tools.formats import load_adapter, save_adapter  # noqa: E402
 from lora_tools.merge.run import merge_adapters  # noqa: E402
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if args.write_report:
         command = shlex.join([".venv/bin/python", "benchmarks/bench_merge.py", *raw[1:]])
-        write_report(args.report, command, table, SECTION_TITLE)
+        write_section(args.report, SECTION_TITLE, command, table)
     return 0 if result["ok"] else 1
 
 

@@ -18,7 +18,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import platform
 import shlex
 import statistics
@@ -31,13 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_synthetic_adapter import LAYER_MODULES, module_specs, write_adapter  # noqa: E402
+from sections import DEFAULT_REPORT, write_section  # noqa: E402
 
 from lora_tools.formats import load_adapter, save_adapter  # noqa: E402
 from lora_tools.linalg import lowrank_svd  # noqa: E402
 from lora_tools.truncate import truncate  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_REPORT = REPO_ROOT / "reports" / "benchmarks.md"
 SECTION_TITLE = "## truncate (issue 3)"
 TARGET_RANK = 4
 SV_RTOL = 1e-5
@@ -130,21 +129,7 @@ def run(adapter_dir: Path, layers: int, repeats: int) -> tuple[str, dict]:
 
 
 def write_report(report: Path, command: str, table: str, title: str = SECTION_TITLE) -> None:
-    """Replace (or append) the section ``title`` in ``report``, leaving other sections alone."""
-    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = f"{title}\n\nDate: {now}\n\nCommand (from the repository root):\n\n```\n{command}\n```\n\n{table}\n"
-    text = report.read_text() if report.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == title), None)
-    if start is None:
-        new_text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        after = "".join(lines[end:])
-        new_text = "".join(lines[:start]) + section + ("\n" + after if after else "")
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(new_text)
-    print(f"updated section '{title}' in {report}")
+    write_section(report, title, command, table)
 
 
 def main(argv: list[str] | None = None) -> int:
