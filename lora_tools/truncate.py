@@ -210,7 +210,8 @@ def truncate(adapter: Adapter, *, rank: Any = None, energy: Any = None, method: 
         new_B = svd.U[:, :new_rank] * root  # (out, k)
         new_A = root[:, None] * svd.Vh[:new_rank]  # (k, in)
         modules[name] = _new_module(adapter, module, new_B, new_A, new_rank, new_scale, rslora, dtype, tensors)
-        rows.append(_row(module, new_rank, kept, [], output_kept))
+        # An all-zero update (untrained B) keeps "all" of nothing: say so rather than let 1.0 pass for a result.
+        rows.append(_row(module, new_rank, kept, ["zero_update"] if energy_total == 0 else [], output_kept))
         advance(1)
 
     _carry_extras(adapter, modules, tensors)

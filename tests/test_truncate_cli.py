@@ -130,3 +130,14 @@ def test_outputs_get_ordinary_permissions(tmp_path: Path) -> None:
     os.umask(mask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
     assert stat.S_IMODE((out / "adapter_model.safetensors").stat().st_mode) == 0o666 & ~mask
+
+
+def test_zero_update_is_flagged(tmp_path: Path) -> None:
+    tensors = lora_tensors({"q_proj": (8, 8, 4), "v_proj": (8, 8, 4)})
+    tensors["base_model.model.q_proj.lora_B.weight"].zero_()
+    source = write_peft(tmp_path / "in", tensors)
+    result = run_cli("truncate", str(source), "-o", str(tmp_path / "out"), "--energy", "0.9", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {m["name"]: m for m in json.loads(result.stdout)["modules"]}
+    assert rows["q_proj"]["flags"] == ["zero_update"] and rows["q_proj"]["new_rank"] == 1
+    assert rows["v_proj"]["flags"] == []
