@@ -84,7 +84,8 @@ def activation_aware_factors(B: torch.Tensor, A: torch.Tensor, scale: float,
     The rank-k update minimising ‖(ΔW − ΔŴ) X‖_F is ΔŴ = U_k U_kᵀ ΔW (no inverse of C, so a singular C is fine);
     its squared output error is Σ_{i>k} λ_i. With B = Q R, ΔW C ΔWᵀ = Q (s² R G Rᵀ) Qᵀ, G = A C Aᵀ: an r x r
     eigenproblem, and U_kᵀ ΔW = V_kᵀ (s R A) =: T_k, so ΔŴ = (Q V_k) T_k is built from (r x in) work only.
-    Returns U = Q V (out, m), λ (m,), T = Vᵀ s R A (m, in), m = min(out, r).
+    Returns U = Q V (out, m), λ (m,), T = Vᵀ s R A (m, in), m = min(out, r); λ may hold rounding-level
+    negatives (the core is PSD only up to rounding).
     """
     B = B.to(torch.float64)
     A = A.to(torch.float64)
@@ -92,5 +93,5 @@ def activation_aware_factors(B: torch.Tensor, A: torch.Tensor, scale: float,
     RA = scale * (R @ A)  # (m, in): ΔW = Q · RA
     core = RA @ C.to(torch.float64) @ RA.T  # (m, m)
     values, vectors = torch.linalg.eigh((core + core.T) / 2)
-    values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+    values, vectors = values.flip(0), vectors.flip(1)
     return Q @ vectors, values, vectors.T @ RA

@@ -16,8 +16,7 @@ import torch
 from lora_tools.adapter import Adapter
 from lora_tools.convert.run import alignment_keys
 from lora_tools.errors import ModuleMismatchError
-from lora_tools.linalg import lowrank_svd, single_threaded
-from lora_tools.linalg.metrics import FLOAT32_EPS
+from lora_tools.linalg import lowrank_svd, single_threaded, spectrum_metrics
 from lora_tools.linalg.products import cosine, subspace_similarity
 
 
@@ -53,7 +52,7 @@ def module_similarity(a: Adapter, name_a: str, b: Adapter, name_b: str) -> dict[
     shape = (mod_a.out_features, mod_a.in_features)
     # Singular vectors of (numerically) zero singular values are arbitrary: compare only the directions each
     # update really has. An update that is zero everywhere (untrained B) has no subspace at all.
-    k_a, k_b = _numerical_rank(svd_a.S, shape), _numerical_rank(svd_b.S, shape)
+    k_a, k_b = (spectrum_metrics(svd.S, shape).numerical_rank for svd in (svd_a, svd_b))
     flags = [f"zero_update_{side}" for side, k in (("a", k_a), ("b", k_b)) if k == 0]
     if flags:
         left = right = None
@@ -76,12 +75,6 @@ def module_similarity(a: Adapter, name_a: str, b: Adapter, name_b: str) -> dict[
         "flags": flags,
     }
 
-
-def _numerical_rank(S: torch.Tensor, shape: tuple[int, int]) -> int:
-    """Count of σ above max(out, in)·ε_fp32·σ_max, the same rule inspect reports as numerical_rank."""
-    if S.numel() == 0 or float(S.max()) == 0.0:
-        return 0
-    return int((S > max(shape) * FLOAT32_EPS * S.max()).sum())
 
 
 def similarity(a: Adapter, b: Adapter, *, grids: bool = True) -> dict[str, Any]:

@@ -11,6 +11,7 @@ refused, never executed.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -42,24 +43,18 @@ _TORCH_TO_ST = {
 LFS_POINTER_PREFIX = b"version https://git-lfs"
 
 
+@functools.cache
 def _torch_dtypes() -> dict[str, Any]:
+    """safetensors dtype -> torch dtype, built on first use (importing torch is slow)."""
     import torch
 
-    table = {st: getattr(torch, name.split(".")[1]) for name, st in _TORCH_TO_ST.items()
-             if hasattr(torch, name.split(".")[1])}
-    return table
+    return {st: getattr(torch, name.split(".")[1]) for name, st in _TORCH_TO_ST.items()
+            if hasattr(torch, name.split(".")[1])}
 
 
-class _LazyDtypes(dict):
-    """safetensors dtype -> torch dtype, built on first use (importing torch is slow)."""
-
-    def get(self, key: str, default: Any = None) -> Any:
-        if not self:
-            self.update(_torch_dtypes())
-        return super().get(key, default)
-
-
-_ST_TO_TORCH_DTYPE = _LazyDtypes()
+def torch_dtype(dtype: str) -> Any:
+    """The torch dtype of a safetensors dtype string (F32, BF16, ...), or None when torch has none."""
+    return _torch_dtypes().get(dtype)
 
 
 @dataclass(frozen=True)
@@ -206,7 +201,7 @@ class SafetensorsSource:
         info = self._infos.get(key)
         if info is None:
             raise AdapterFormatError(f"{self.path}: no tensor {key!r}")
-        dtype = _ST_TO_TORCH_DTYPE.get(info.dtype)
+        dtype = torch_dtype(info.dtype)
         if dtype is None:
             raise AdapterFormatError(f"{self.path}: tensor {key!r} has dtype {info.dtype}, which torch cannot hold")
         begin, end = self._offsets.get(key, (0, 0))

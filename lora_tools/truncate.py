@@ -34,12 +34,11 @@ from lora_tools.linalg.truncate import (
     relative_error,
     retained_energy,
 )
-from lora_tools.tensorfile import MemorySource, TensorInfo
+from lora_tools.tensorfile import FLOAT_DTYPES, MemorySource, TensorInfo, torch_dtype
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-_ST_TO_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class NonFiniteWeightsError(ModuleMismatchError):
@@ -115,7 +114,7 @@ def select_rule(*, rank: Any = None, energy: Any = None, method: str | None = No
 def output_dtype(name: str, stored: str) -> torch.dtype:
     """The dtype a factor is written in: ``keep`` keeps the input's (``stored``, safetensors spelling)."""
     if name == "keep":
-        return _ST_TO_TORCH.get(stored, torch.float32)
+        return torch_dtype(stored) if stored in FLOAT_DTYPES else torch.float32
     if name not in OUTPUT_DTYPES:
         raise InvalidOptionError(f"unknown --dtype {name!r}; choose keep, {', '.join(OUTPUT_DTYPES)}")
     return OUTPUT_DTYPES[name]
@@ -160,7 +159,8 @@ def truncate(adapter: Adapter, *, rank: Any = None, energy: Any = None, method: 
                 nonfinite.append(name)
                 continue
             if name in covariances:
-                spectra[name] = activation_aware_factors(B, A, module.scale, covariances[name])[1].sqrt()
+                output_energy = activation_aware_factors(B, A, module.scale, covariances[name])[1]
+                spectra[name] = output_energy.clamp_min(0).sqrt()
             else:
                 spectra[name] = lowrank_svd(B, A, module.scale, compute_uv=False).S
         ranks, allocation = _budget_ranks(adapter, spectra, rule)
@@ -186,7 +186,7 @@ def truncate(adapter: Adapter, *, rank: Any = None, energy: Any = None, method: 
         if name in covariances:
             # Output-space directions: U (out, m), λ (m,) and T = Uᵀ·ΔW (m, in), ΔŴ = U_k T_k.
             U_out, out_energy, T_out = activation_aware_factors(B, A, module.scale, covariances[name])
-            selection = out_energy.sqrt()
+            selection = out_energy.clamp_min(0).sqrt()  # eigenvalues of a PSD matrix, up to rounding
         else:
             svd = lowrank_svd(B, A, module.scale)  # U: (out, m), S: (m,), Vh: (m, in), m = min(r, out, in)
             selection = svd.S

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lora_tools.calibration import activation_aware_factors
 from lora_tools.quant import QuantScheme, fake_quantize, quantized_bytes
 
 FP16_BYTES = 2
@@ -203,13 +204,7 @@ def output_eigen(target: Target, C: torch.Tensor) -> OutputEigen:
     """
     C = C.to(torch.float64)
     if target.factored:
-        B = target.B.to(torch.float64)
-        A = target.A.to(torch.float64)
-        Q, R = torch.linalg.qr(B)  # Q: (out, r), R: (r, r)
-        G = A @ C @ A.T  # (r, r)
-        core = target.scale ** 2 * (R @ G @ R.T)
-        values, vectors = torch.linalg.eigh((core + core.T) / 2)
-        values, vectors = values.flip(0), Q @ vectors.flip(1)
+        vectors, values, _ = activation_aware_factors(target.B, target.A, target.scale, C)
     else:
         W = target.weight.to(torch.float64)
         M = W @ C @ W.T  # (out, out)
