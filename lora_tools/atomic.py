@@ -38,12 +38,37 @@ def atomic_path(path: Path, force: bool = False) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        _default_permissions(tmp)
-        os.replace(tmp, path)
+        with _named_as_target(tmp, path):
+            yield tmp
+            _default_permissions(tmp)
+            os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def _named_as_target(tmp: Path, path: Path) -> Iterator[None]:
+    """Errors raised while writing name the output the user asked for, never the hidden temporary file or folder
+    (``.out.safetensors.k3j2.tmp`` means nothing to a user and is gone by the time they look)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            exc.filename = hide_temp_name(str(exc.filename), tmp, path)
+        if exc.filename2 is not None:
+            exc.filename2 = hide_temp_name(str(exc.filename2), tmp, path)
+        raise
+    except LoraToolsError as exc:
+        message = str(exc)
+        if str(tmp) in message or tmp.name in message:
+            raise type(exc)(hide_temp_name(message, tmp, path)) from exc
+        raise
+
+
+def hide_temp_name(text: str, tmp: Path, path: Path) -> str:
+    """``text`` with the temporary path (or its bare name) replaced by the target's."""
+    return text.replace(str(tmp), str(path)).replace(tmp.name, path.name)
 
 
 def _current_umask() -> int:
@@ -85,9 +110,10 @@ def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
     check_output(path, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
-        _default_permissions(tmp)
-        move_into_place(tmp, path)
+        with _named_as_target(tmp, path):
+            yield tmp
+            _default_permissions(tmp)
+            move_into_place(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -167,6 +167,17 @@ CASES = [
     Case("truncate-peft-type-ia3", "truncate", "PEFT folder whose adapter_config.json says peft_type IA3",
          lambda t: _args("truncate", peft_folder_with_config(t, peft_type="IA3"), "-o", t / "out", "--rank", "1"),
          ("adapter_config.json", "peft_type is 'IA3'")),
+    Case("truncate-peft-output-named-like-a-file", "truncate", "-o x.safetensors for a PEFT (folder) output",
+         lambda t: _args("truncate", good(t), "-o", t / "x.safetensors", "--rank", "1"),
+         ("x.safetensors", "is a folder", "--to kohya")),
+    Case("truncate-peft-output-replacing-a-file", "truncate", "-o existing.safetensors --force for a PEFT output "
+         "(would have replaced the file by a folder)",
+         lambda t: ((t / "x.safetensors").write_text("keep"),
+                    _args("truncate", good(t), "-o", t / "x.safetensors", "--rank", "1", "--force"))[1],
+         ("x.safetensors", "is a folder")),
+    Case("truncate-kohya-output-wrong-suffix", "truncate", "-o x.bin for a kohya (safetensors) output",
+         lambda t: _args("truncate", kohya(t), "-o", t / "x.bin", "--rank", "1"),
+         ("x.bin", "x.safetensors")),
     # merge
     Case("merge-second-input-truncated", "merge", "second adapter truncated inside the data section",
          lambda t: _args("merge", good(t), truncated_in_data(t), "-o", t / "out"),
@@ -185,6 +196,9 @@ CASES = [
          lambda t: _args("merge", good(t), peft_folder_with_config(t, peft_type="MYSTERY"), "-o", t / "out"),
          ("adapter_config.json", "peft_type is 'MYSTERY'")),
     # convert
+    Case("convert-peft-output-named-like-a-file", "convert", "-o x.safetensors --to peft",
+         lambda t: _args("convert", kohya(t), "-o", t / "x.safetensors", "--to", "peft"),
+         ("x.safetensors", "is a folder")),
     Case("convert-nan", "convert", "NaN in a factor, no --allow-nonfinite",
          lambda t: _args("convert", nan_adapter(t), "-o", t / "out.safetensors", "--to", "kohya"),
          ("nan", MODULE, "NaN or Inf", "--allow-nonfinite")),

@@ -66,4 +66,9 @@ def main(argv: list[str] | None = None) -> Any:
     # spinning. On a shared 2-core machine spinning workers made compare-quant 4.5x slower (117 s vs 26 s) and
     # tiny QRs 100x slower; on an idle machine the difference is within noise. A user's own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return cli.main(args=argv, prog_name="loratools")
+    try:
+        return cli.main(args=argv, prog_name="loratools")
+    except BrokenPipeError:
+        from lora_tools.cli._common import quiet_broken_pipe
+
+        quiet_broken_pipe()

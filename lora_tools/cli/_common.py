@@ -32,9 +32,22 @@ def default_adapter(path: Path | None) -> Path:
     return example_adapter_path()
 
 
-def fail(message: str) -> None:
+def fail(message: str, as_json: bool = False) -> None:
+    """One ``error: ...`` line on stderr and exit status 1; with --json also a JSON error object on stdout, so a
+    script reading stdout gets a document either way."""
     click.echo(f"error: {message}", err=True)
+    if as_json:
+        with contextlib.suppress(OSError):
+            click.echo(json.dumps({"error": message, "exit_status": 1}))
     sys.exit(1)
+
+
+def quiet_broken_pipe() -> None:
+    """`loratools inspect --json | head`: the reader went away with what it wanted. Not an error: exit 0, and point
+    stdout at /dev/null so that the interpreter's final flush does not print "Exception ignored ... BrokenPipe"."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(0)
 
 
 def error_boundary(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -44,20 +57,34 @@ def error_boundary(func: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if os.environ.get("LORATOOLS_DEBUG") == "1":
             return func(*args, **kwargs)
+        as_json = bool(kwargs.get("as_json"))
         try:
             return func(*args, **kwargs)
+        except BrokenPipeError:
+            quiet_broken_pipe()
         except LoraToolsError as exc:
-            fail(_one_line(str(exc)))
+            fail(_one_line(str(exc)), as_json)
         except OSError as exc:
             where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-            fail(_one_line(f"{where}{exc.strerror or exc}"))
+            fail(_one_line(f"{where}{exc.strerror or exc}"), as_json)
         except MemoryError:
-            fail("out of memory")
+            fail("out of memory", as_json)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
 
     return wrapper
+
+
+def resolve_output(output: Path, format: str) -> Path:
+    """The output path a writer of ``format`` will use (``.safetensors`` added to a bare file name, a file name
+    for a folder format refused), said on stderr (even with --quiet) when it differs from what was typed."""
+    from lora_tools.formats.output import output_path
+
+    path, note = output_path(output, format)
+    if note:
+        click.echo(note, err=True)
+    return path
 
 
 def _one_line(text: str) -> str:

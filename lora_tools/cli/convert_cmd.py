@@ -13,6 +13,7 @@ from lora_tools.cli._common import (
     format_option,
     json_option,
     quiet_option,
+    resolve_output,
 )
 
 
@@ -50,6 +51,7 @@ def convert_command(source: Path, output: Path, to_format: str, base: Path | Non
     from lora_tools.convert.run import convert
     from lora_tools.report.merge import render_convert_report
 
+    output = resolve_output(output, to_format)
     report = convert(source, output, to_format, base=base, prefix=prefix, allow_partial=allow_partial,
                      force=force, input_format=format_, allow_nonfinite=allow_nonfinite)
     if as_json:

@@ -16,6 +16,7 @@ from lora_tools.cli._common import (
     json_option,
     progress_bar,
     quiet_option,
+    resolve_output,
 )
 
 
@@ -74,6 +75,7 @@ def truncate_command(path: Path | None, output: Path, rank: str | None, energy: 
     source = default_adapter(path)
     adapter = load_adapter(source, format_)
     inputs = tuple(p for p in (source, adapter.weights_path) if p is not None)
+    output = resolve_output(output, to_format or adapter.format)
     check_not_input(output, inputs)
     check_output(output, force, inputs)
     calibration = None

@@ -78,11 +78,12 @@ def save_adapter(adapter: Adapter, path: str | Path, format: str | None = None, 
                  inputs: tuple[Path, ...] = ()) -> Path:
     """Write ``adapter`` in ``format`` (default: its own) atomically; ``inputs`` are paths it must not overwrite."""
     from lora_tools.atomic import check_not_input, check_output
+    from lora_tools.formats.output import output_path
 
-    path = Path(path)
     format = format or adapter.format
     if format not in FORMATS:
         raise InvalidOptionError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    path, _ = output_path(Path(path), format)  # the CLI shows the note; callers get the path actually written
     check_not_input(path, inputs)
     check_output(path, force, inputs)
     return FORMATS[format].write(adapter, path, force=force)
