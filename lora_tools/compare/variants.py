@@ -1,0 +1,330 @@
+"""Whole-adapter variants: every module compressed the same way, as replacement factors for end-to-end runs.
+
+A *variant* replaces each module's update s·B·A by s'·B'·A' (float32 factors) and says how many bytes it would
+store and what error each module is *predicted* to have before any end-to-end data is seen. Families (``method``):
+
+* ``identity``: the adapter itself (the reference; its KL against itself is 0 — a sanity row);
+* ``svd``: every module truncated to rank k (exact SVD from the factors, ``linalg.lowrank_svd``; never dense);
+* ``svd-act``: every module truncated to rank k minimising its output error on calibration inputs
+  (``calibration.activation_aware_factors``), for the modules that have an input covariance C;
+* ``quant``: the factors B and A rounded with one ``lora_tools.quant`` scheme (exactly as compare-quant does);
+* ``svd+quant``: rank-k truncation, then its (balanced) factors rounded with an INT8 or INT4 scheme;
+* ``avg-rank``: per-module ranks from the global budget solver (``linalg.truncate.allocate_ranks``, the same as
+  ``truncate --avg-rank K``) within the bytes of uniform rank k: the most retained Σσ² for those bytes.
+
+Bytes follow compare-quant's accounting (``compare.methods``): unquantized factors as float16,
+(out + in)·k·2 per module; quantized factors as packed codes plus float16 scales (``quant.quantized_bytes``).
+
+Predicted errors (per module, squared, absolute), in two spaces:
+
+* weight space ‖ΔŴ − ΔW‖_F²: truncation, the spectrum tail Σ_{i≥k} σ_i² (Eckart–Young, exact); svd-act, its exact
+  weight error ‖ΔW‖² − ‖U_kᵀΔW‖² (a projection); rounding, Widrow's uniform-noise model with C = I;
+* output space ‖(ΔŴ − ΔW) X‖_F² on the calibration inputs (only with C): truncation, Σ_{i≥k} σ_i²·v_iᵀ C v_i;
+  svd-act, the eigenvalue tail Σ_{i≥k} λ_i; rounding, the uniform-noise model with C (the formula of
+  ``compare.metrics.uniform_noise_prediction``). A mixed variant predicts tail + noise: the rounding noise has
+  zero mean, so its expected cross term with the truncation error vanishes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lora_tools.adapter import Adapter
+from lora_tools.calibration import activation_aware_factors
+from lora_tools.compare.methods import lowrank_bytes
+from lora_tools.errors import InvalidOptionError, ModuleMismatchError
+from lora_tools.linalg import lowrank_svd
+from lora_tools.linalg.truncate import allocate_ranks
+from lora_tools.quant import DEFAULT_SCHEMES, QuantScheme, fake_quantize, get_scheme, quantized_bytes
+
+METHODS = ("identity", "svd", "svd-act", "quant", "svd+quant", "avg-rank")
+DEFAULT_RANKS = (1, 2, 4, 8)
+DEFAULT_MIXED_SCHEMES = ("int8-channel", "int4-g128")
+SPACES = ("weight", "output")
+
+
+@dataclass(frozen=True)
+class ModuleFactors:
+    """One module's replacement update ``scale · B @ A``; B: (out, k), A: (k, in), float32."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.B.shape[1])
+
+
+@dataclass(frozen=True)
+class PredictedError:
+    """Squared error predicted for one module: weight space, and output space on calibration inputs (or None)."""
+
+    weight_sq: float
+    output_sq: float | None = None
+
+
+@dataclass
+class Variant:
+    """A whole-adapter variant: replacement factors for every module, its bytes and its predicted errors."""
+
+    label: str
+    method: str
+    rank: int | None
+    scheme: str | None
+    bytes: int
+    factors: dict[str, ModuleFactors]
+    predicted: dict[str, PredictedError]
+    # ‖ΔW‖_F² and ‖ΔW X‖_F² (calibration) of the unmodified modules: the denominators of the relative errors.
+    reference: dict[str, PredictedError]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def mean_rank(self) -> float:
+        return sum(f.rank for f in self.factors.values()) / max(len(self.factors), 1)
+
+    def predicted_rel_error(self, space: str = "weight") -> float | None:
+        """sqrt(Σ predicted error² / Σ reference energy) over all modules (as compare-quant aggregates layers);
+        None in output space when some module has no covariance, NaN when the adapter is all zero."""
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}")
+        attr = f"{space}_sq"
+        errors = [getattr(p, attr) for p in self.predicted.values()]
+        totals = [getattr(self.reference[name], attr) for name in self.predicted]
+        if any(v is None for v in errors + totals):
+            return None
+        total = sum(totals)
+        return math.sqrt(max(sum(errors), 0.0) / total) if total > 0 else math.nan
+
+    def summary(self) -> dict[str, object]:
+        """The plain-data fields a report row starts from (the pinned ``end_to_end.variants`` keys it can fill)."""
+        return {"label": self.label, "method": self.method, "rank": self.rank, "scheme": self.scheme,
+                "bytes": self.bytes, "mean_rank": self.mean_rank,
+                "predicted_weight_rel_error": self.predicted_rel_error("weight"),
+                "predicted_output_rel_error": self.predicted_rel_error("output"), "notes": list(self.notes)}
+
+
+@dataclass
+class _Module:
+    """Everything about one module that several variants share, computed once (float64)."""
+
+    name: str
+    B: torch.Tensor  # (out, r) float32, as stored
+    A: torch.Tensor  # (r, in) float32
+    scale: float
+    U: torch.Tensor  # (out, m) left singular vectors of s·B·A
+    S: torch.Tensor  # (m,)
+    Vh: torch.Tensor  # (m, in)
+    C: torch.Tensor | None = None  # (in, in) calibration covariance
+    quadratic: torch.Tensor | None = None  # (m,) v_iᵀ C v_i, for output-space truncation tails
+    eigen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # activation_aware_factors(...)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.B.shape[0]), int(self.A.shape[1])
+
+    @property
+    def max_rank(self) -> int:
+        return int(self.S.numel())
+
+    @property
+    def weight_energy(self) -> float:
+        return float(self.S.square().sum())
+
+    @property
+    def output_energy(self) -> float | None:
+        return None if self.quadratic is None else float((self.S.square() * self.quadratic).sum())
+
+    def tail(self, rank: int) -> PredictedError:
+        """Truncation error of keeping the top ``rank`` singular triplets, in both spaces."""
+        energy = self.S[rank:].square()
+        output = None if self.quadratic is None else float((energy * self.quadratic[rank:]).sum())
+        return PredictedError(float(energy.sum()), output)
+
+    def truncated(self, rank: int) -> ModuleFactors:
+        """Balanced factors B' = U_k·sqrt(S_k/s'), A' = sqrt(S_k/s')·Vh_k, s' the module's own scale (as
+        ``truncate`` writes them), so a mixed variant rounds what would really be stored."""
+        k = min(rank, self.max_rank)
+        new_scale = self.scale if self.scale > 0 and math.isfinite(self.scale) else 1.0
+        root = torch.sqrt(self.S[:k] / new_scale)  # (k,)
+        return ModuleFactors((self.U[:, :k] * root).float(), (root[:, None] * self.Vh[:k]).float(), new_scale)
+
+
+def uniform_noise_sq(factors: ModuleFactors, step_B: torch.Tensor, step_A: torch.Tensor,
+                     C: torch.Tensor | None = None) -> float:
+    """Widrow's uniform-noise prediction E‖s·(N_B A + B N_A) X‖² for rounding steps (step_B: (out, k), step_A:
+    (k, in)); C = None means weight space (C = I). Same first-order model as
+    ``compare.metrics.uniform_noise_prediction``, written here without forming an (in, in) identity."""
+    B = factors.B.to(torch.float64)
+    A = factors.A.to(torch.float64)
+    if C is None:
+        diag = torch.ones(A.shape[1], dtype=torch.float64)
+        G_diag = A.square().sum(dim=1)  # (k,): (A Aᵀ)_ii
+    else:
+        C = C.to(torch.float64)
+        diag = torch.diagonal(C)
+        G_diag = ((A @ C) * A).sum(dim=1)  # (k,): (A C Aᵀ)_ii
+    from_B = float((step_B.to(torch.float64).square() @ G_diag).sum()) / 12.0
+    from_A = float(((step_A.to(torch.float64).square() @ diag) * B.square().sum(dim=0)).sum()) / 12.0
+    return factors.scale ** 2 * (from_B + from_A)
+
+
+def _quantized(factors: ModuleFactors, scheme: QuantScheme,
+               C: torch.Tensor | None) -> tuple[ModuleFactors, int, PredictedError]:
+    """Round B and A with ``scheme``: dequantized factors, honest bytes, predicted noise in both spaces."""
+    B_q, step_B = fake_quantize(factors.B.float(), scheme)  # (out, k)
+    A_q, step_A = fake_quantize(factors.A.float(), scheme)  # (k, in)
+    size = quantized_bytes(tuple(factors.B.shape), scheme) + quantized_bytes(tuple(factors.A.shape), scheme)
+    noise = PredictedError(uniform_noise_sq(factors, step_B, step_A),
+                           None if C is None else uniform_noise_sq(factors, step_B, step_A, C))
+    return ModuleFactors(B_q, A_q, factors.scale), size, noise
+
+
+def _add(a: PredictedError, b: PredictedError) -> PredictedError:
+    output = None if a.output_sq is None or b.output_sq is None else a.output_sq + b.output_sq
+    return PredictedError(a.weight_sq + b.weight_sq, output)
+
+
+class VariantBuilder:
+    """Decomposes every module once (SVD, and the output eigenproblem where C is given), then builds variants."""
+
+    @torch.no_grad()
+    def __init__(self, adapter: Adapter, covariances: Mapping[str, torch.Tensor] | None = None,
+                 modules: Iterable[str] | None = None) -> None:
+        covariances = covariances or {}
+        names = list(adapter.modules) if modules is None else list(modules)
+        unknown = [n for n in names if n not in adapter.modules]
+        if unknown:
+            raise ModuleMismatchError(f"{adapter.path}: no module {unknown[0]!r} in the adapter")
+        if not names:
+            raise ModuleMismatchError(f"{adapter.path}: no modules to build variants from")
+        self.adapter = adapter
+        self.modules: dict[str, _Module] = {}
+        for name in names:
+            B, A = adapter.factors(name, torch.float32)  # B: (out, r), A: (r, in)
+            if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
+                raise ModuleMismatchError(f"{adapter.path}: module {name}: LoRA factors contain NaN or Inf")
+            scale = adapter.modules[name].scale
+            svd = lowrank_svd(B, A, scale, dtype=torch.float64)
+            module = _Module(name, B, A, scale, svd.U, svd.S, svd.Vh)
+            C = covariances.get(name)
+            if C is not None:
+                if tuple(C.shape) != (A.shape[1], A.shape[1]):
+                    raise ModuleMismatchError(f"module {name}: input covariance has shape {tuple(C.shape)}, "
+                                              f"expected {(A.shape[1], A.shape[1])}")
+                module.C = C.to(torch.float64)
+                module.quadratic = ((svd.Vh @ module.C) * svd.Vh).sum(dim=1)  # (m,) v_iᵀ C v_i
+                module.eigen = activation_aware_factors(B, A, scale, module.C)
+            self.modules[name] = module
+        self.reference = {n: PredictedError(m.weight_energy, m.output_energy) for n, m in self.modules.items()}
+
+    @property
+    def has_covariances(self) -> bool:
+        return any(m.C is not None for m in self.modules.values())
+
+    def _variant(self, label: str, method: str, rank: int | None, scheme: str | None, size: int,
+                 factors: dict[str, ModuleFactors], predicted: dict[str, PredictedError],
+                 notes: list[str] | None = None) -> Variant:
+        return Variant(label, method, rank, scheme, size, factors, predicted, self.reference, notes or [])
+
+    @torch.no_grad()
+    def identity(self) -> Variant:
+        factors = {n: ModuleFactors(m.B, m.A, m.scale) for n, m in self.modules.items()}
+        size = sum(lowrank_bytes(m.shape, int(m.B.shape[1])) for m in self.modules.values())
+        zero = {n: PredictedError(0.0, None if m.C is None else 0.0) for n, m in self.modules.items()}
+        return self._variant("identity", "identity", None, None, size, factors, zero)
+
+    @torch.no_grad()
+    def svd(self, rank: int) -> Variant:
+        factors = {n: m.truncated(rank) for n, m in self.modules.items()}
+        size = sum(lowrank_bytes(m.shape, min(rank, m.max_rank)) for m in self.modules.values())
+        predicted = {n: m.tail(rank) for n, m in self.modules.items()}
+        return self._variant(f"svd-r{rank}", "svd", rank, None, size, factors, predicted)
+
+    @torch.no_grad()
+    def svd_act(self, rank: int) -> Variant:
+        """Activation-aware rank k where C is known; modules without C fall back to plain SVD (noted)."""
+        factors, predicted, plain = {}, {}, []
+        for name, m in self.modules.items():
+            if m.eigen is None:
+                factors[name], predicted[name] = m.truncated(rank), m.tail(rank)
+                plain.append(name)
+                continue
+            U, values, T = m.eigen  # U: (out, q), T: (q, in), ΔŴ = U_k T_k
+            k = min(rank, values.numel())
+            factors[name] = ModuleFactors(U[:, :k].float(), T[:k].float(), 1.0)
+            weight = max(m.weight_energy - float(T[:k].square().sum()), 0.0)  # U has orthonormal columns
+            predicted[name] = PredictedError(weight, float(values[k:].clamp_min(0).sum()))
+        size = sum(lowrank_bytes(m.shape, min(rank, m.max_rank)) for m in self.modules.values())
+        notes = [f"{len(plain)} module(s) without calibration inputs truncated by plain SVD, e.g. {plain[0]}"] \
+            if plain else []
+        return self._variant(f"svd-act-r{rank}", "svd-act", rank, None, size, factors, predicted, notes)
+
+    @torch.no_grad()
+    def quant(self, scheme: QuantScheme) -> Variant:
+        factors, predicted, size = {}, {}, 0
+        for name, m in self.modules.items():
+            factors[name], nbytes, predicted[name] = _quantized(ModuleFactors(m.B, m.A, m.scale), scheme, m.C)
+            size += nbytes
+        ranks = {int(m.B.shape[1]) for m in self.modules.values()}
+        return self._variant(scheme.name, "quant", ranks.pop() if len(ranks) == 1 else None, scheme.name, size,
+                             factors, predicted)
+
+    @torch.no_grad()
+    def mixed(self, rank: int, scheme: QuantScheme) -> Variant:
+        factors, predicted, size = {}, {}, 0
+        for name, m in self.modules.items():
+            factors[name], nbytes, noise = _quantized(m.truncated(rank), scheme, m.C)
+            predicted[name] = _add(m.tail(rank), noise)
+            size += nbytes
+        return self._variant(f"svd-r{rank}+{scheme.name}", "svd+quant", rank, scheme.name, size, factors,
+                             predicted)
+
+    @torch.no_grad()
+    def avg_rank(self, rank: int) -> Variant:
+        """The global budget of uniform rank ``rank`` (min(rank, module rank) each, as ``truncate --avg-rank``),
+        reallocated across modules for the most retained Σσ²; at most the bytes of ``svd-r{rank}``."""
+        modules = list(self.modules.values())
+        unit_costs = [m.shape[0] + m.shape[1] for m in modules]
+        budget = sum(min(rank, m.max_rank) * c for m, c in zip(modules, unit_costs, strict=True))
+        allocation = allocate_ranks([m.S.square() for m in modules], unit_costs, budget)
+        factors, predicted = {}, {}
+        for m, k in zip(modules, allocation.ranks, strict=True):
+            factors[m.name], predicted[m.name] = m.truncated(k), m.tail(k)
+        size = sum(lowrank_bytes(m.shape, k) for m, k in zip(modules, allocation.ranks, strict=True))
+        notes = [f"{allocation.method} allocation: ranks {min(allocation.ranks)}-{max(allocation.ranks)}, "
+                 f"{allocation.cost:,} of {budget:,} parameters"]
+        return self._variant(f"avg-rank-r{rank}", "avg-rank", rank, None, size, factors, predicted, notes)
+
+
+@torch.no_grad()
+def build_variants(adapter: Adapter, covariances: Mapping[str, torch.Tensor] | None = None, *,
+                   ranks: Sequence[int] = DEFAULT_RANKS, schemes: Sequence[str] = DEFAULT_SCHEMES,
+                   mixed_schemes: Sequence[str] = DEFAULT_MIXED_SCHEMES, avg_rank: bool = True,
+                   identity: bool = True, modules: Iterable[str] | None = None) -> list[Variant]:
+    """Every whole-adapter variant, identity first, then svd, svd-act (only with ``covariances``), quant,
+    svd+quant and avg-rank. ``modules`` restricts the variants to those adapter modules (default: all).
+
+    Ranks at or above a module's rank keep that module whole (its bytes and error are those of its full rank).
+    An avg-rank variant whose allocation is uniform duplicates ``svd-r{k}``; it is still listed (the report
+    shows the solver found nothing better).
+    """
+    if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
+        raise InvalidOptionError(f"ranks must be positive integers, got {list(ranks)}")
+    ranks = sorted(set(ranks))
+    quant_schemes = [get_scheme(s) for s in dict.fromkeys(schemes)]
+    mixed = [get_scheme(s) for s in dict.fromkeys(mixed_schemes)]
+    builder = VariantBuilder(adapter, covariances, modules)
+    variants = [builder.identity()] if identity else []
+    variants += [builder.svd(k) for k in ranks]
+    if builder.has_covariances:
+        variants += [builder.svd_act(k) for k in ranks]
+    variants += [builder.quant(s) for s in quant_schemes]
+    variants += [builder.mixed(k, s) for s in mixed for k in ranks]
+    if avg_rank:
+        variants += [builder.avg_rank(k) for k in ranks]
+    return variants
