@@ -11,6 +11,7 @@ the exact SVD when it keeps visibly less than it should (accuracy check against 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -22,7 +23,10 @@ import torch
 from lora_tools.adapter import Adapter
 from lora_tools.builder import AdapterBuilder
 from lora_tools.errors import BaseModelError, InvalidOptionError
+from lora_tools.extract_other import change_row, model_layout, plan_other, tensor_change
 from lora_tools.fold import base_keys, weight_files
+from lora_tools.formats.peft import PREFIX as PEFT_PREFIX
+from lora_tools.formats.peft import natural_key
 from lora_tools.linalg import single_threaded
 from lora_tools.linalg.truncate import RankRule, relative_error
 from lora_tools.truncate import parse_number, parse_positive_int
@@ -32,6 +36,10 @@ logger = logging.getLogger(__name__)
 EXACT_LIMIT = 2048
 OVERSAMPLE = 10
 POWER_ITERATIONS = 4
+# Differences with fewer elements than this are factored on one thread: below it OpenMP's fork/join and a busy
+# machine's scheduling cost more than a second thread gains (measured with benchmarks in the module's report);
+# above it the SVD uses the threads torch was given (by default one per core).
+THREADED_MIN_ELEMENTS = 1 << 18
 
 
 def select(rank: Any, energy: Any) -> RankRule:
@@ -45,35 +53,16 @@ def select(rank: Any, energy: Any) -> RankRule:
     return RankRule("energy", fraction)
 
 
-def linear_kinds(model_dir: Path) -> dict[str, str] | None:
-    """Module name -> "linear" | "conv1d" from the model's architecture (built on the meta device, no weights);
-    None when the folder has no usable config.json."""
-    config_path = model_dir / "config.json" if model_dir.is_dir() else None
-    if config_path is None or not config_path.is_file():
-        return None
-    try:
-        import transformers
-
-        config = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-        architecture = getattr(transformers, (config.architectures or ["AutoModel"])[0])
-        with torch.device("meta"):
-            model = (architecture.from_config(config) if architecture.__name__.startswith("Auto")
-                     else architecture(config))
-    except Exception as exc:  # an unknown architecture: fall back to treating 2-D weights as linear
-        logger.warning("cannot build %s from its config (%s); treating every 2-D weight as linear", model_dir, exc)
-        return None
-    kinds = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            kinds[name] = "linear"
-        elif type(module).__name__ == "Conv1D":
-            kinds[name] = "conv1d"
-    return kinds
-
-
 @torch.no_grad()
 def truncated_svd(D: torch.Tensor, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, str]:
     """(U_k, S_k, Vh_k, retained energy, method) of the (out, in) difference ``D``."""
+    with contextlib.ExitStack() as stack:
+        if D.numel() < THREADED_MIN_ELEMENTS:
+            stack.enter_context(single_threaded())
+        return _truncated_svd(D, rule)
+
+
+def _truncated_svd(D: torch.Tensor, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, str]:
     total = float(D.double().square().sum())
     small = min(D.shape) <= EXACT_LIMIT
     if rule.method == "fixed" and not small:
@@ -92,9 +81,13 @@ def truncated_svd(D: torch.Tensor, rule: RankRule) -> tuple[torch.Tensor, torch.
     return U[:, :k], S[:k], Vh[:k], min(1.0, kept), "exact"
 
 
-def extract(base: Path, finetuned: Path, *, rank: Any = None, energy: Any = None,
-            dtype: str = "fp32") -> tuple[Adapter, dict[str, Any]]:
-    """A PEFT adapter (in memory) holding the truncated differences of every changed linear weight."""
+def extract(base: Path, finetuned: Path, *, rank: Any = None, energy: Any = None, dtype: str = "fp32",
+            include_other: bool = False) -> tuple[Adapter, dict[str, Any]]:
+    """A PEFT adapter (in memory) holding the truncated differences of every changed linear weight.
+
+    Every other tensor that differs (norms, biases, embeddings, tensors in one model only) is listed in the report
+    with its relative change; ``include_other`` stores those PEFT can carry (``modules_to_save``, ``lora_B.bias``).
+    """
     from safetensors import safe_open
 
     from lora_tools.truncate import OUTPUT_DTYPES
@@ -103,66 +96,125 @@ def extract(base: Path, finetuned: Path, *, rank: Any = None, energy: Any = None
     if dtype not in OUTPUT_DTYPES:
         raise InvalidOptionError(f"unknown --dtype {dtype!r}; choose one of {', '.join(OUTPUT_DTYPES)}")
     base_index, ft_index = base_keys(weight_files(base)), base_keys(weight_files(finetuned))
-    kinds = linear_kinds(finetuned) or linear_kinds(base)
+    layout = model_layout(finetuned) or model_layout(base)
+    kinds = layout.kinds if layout is not None else None
     warnings: list[str] = []
     if kinds is None:
         warnings.append("no config.json: every 2-D '*.weight' tensor was treated as an nn.Linear weight (out, in)")
     builder = AdapterBuilder("peft", Path(f"extract({finetuned})"), base_model=str(base))
     rows: list[dict[str, Any]] = []
-    unchanged = skipped = 0
-    with single_threaded():
-        for key, ft_file in ft_index.items():
-            if not key.endswith(".weight") or key not in base_index:
-                continue
-            name = key[: -len(".weight")]
-            kind = kinds.get(name) if kinds is not None else "linear"
-            with safe_open(str(ft_file), framework="pt") as handle:
-                w_ft = handle.get_tensor(key)
-            if w_ft.ndim != 2 or not w_ft.is_floating_point():
-                continue  # norms, biases, buffers
-            if kind is None:
-                skipped += 1  # embeddings, heads of other types: not a linear layer PEFT would adapt here
-                continue
-            with safe_open(str(base_index[key]), framework="pt") as handle:
-                w_0 = handle.get_tensor(key)
+    changed_other = [change_row(key, shape, note="only in the base model")
+                     for key, shape in _shapes(base_index, set(base_index) - set(ft_index)).items()]
+    unchanged = other_unchanged = 0
+
+    def read(index: dict[str, Path], key: str) -> torch.Tensor:
+        with safe_open(str(index[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    for key in ft_index:
+        w_ft = read(ft_index, key)
+        if key not in base_index:
+            changed_other.append(change_row(key, list(w_ft.shape), note="not in the base model"))
+            continue
+        w_0 = read(base_index, key)
+        name = key[: -len(".weight")]
+        kind = (kinds.get(name) if kinds is not None else "linear") if key.endswith(".weight") else None
+        if kind is None or w_ft.ndim != 2 or not w_ft.is_floating_point():
+            # norms, biases, embeddings, buffers: not a linear map LoRA factors describe
             if w_0.shape != w_ft.shape:
-                raise BaseModelError(f"{key}: base weight {list(w_0.shape)} vs fine-tuned {list(w_ft.shape)}; "
-                                     "not the same architecture")
-            if torch.equal(w_0, w_ft):
-                unchanged += 1
-                continue
-            work = torch.float64 if w_ft.numel() <= (1 << 22) else torch.float32
-            D = w_ft.to(work) - w_0.to(work)
-            if not bool(torch.isfinite(D).all()):
-                # an SVD of NaN/Inf fails inside LAPACK; name the tensor and the files instead
-                raise BaseModelError(f"{ft_file}: tensor {key!r}: the difference from {base_index[key]} contains "
-                                     "NaN or Inf; nothing to extract from a broken weight")
-            if kind == "conv1d":
-                D = D.T  # Conv1D stores (in, out); the LoRA factors describe the (out, in) map
-            U, S, Vh, kept, method = truncated_svd(D, rule)
-            root = S.clamp_min(0).sqrt()
-            builder.add_module(name, kind, U * root, root[:, None] * Vh, scale=1.0, alpha=float(S.numel()),
-                               dtype=OUTPUT_DTYPES[dtype])
-            rows.append({"name": name, "shape": list(D.shape), "rank": int(S.numel()), "retained_energy": kept,
-                         "rel_fro_error": relative_error(kept), "method": method})
+                changed_other.append(change_row(key, list(w_ft.shape), note=f"shape {list(w_ft.shape)} differs from "
+                                                f"the base's {list(w_0.shape)}"))
+            elif torch.equal(w_0, w_ft):
+                other_unchanged += 1
+            else:
+                changed_other.append(change_row(key, list(w_ft.shape), *tensor_change(w_0, w_ft)))
+            continue
+        if w_0.shape != w_ft.shape:
+            raise BaseModelError(f"{key}: base weight {list(w_0.shape)} vs fine-tuned {list(w_ft.shape)}; "
+                                 "not the same architecture")
+        if torch.equal(w_0, w_ft):
+            unchanged += 1
+            continue
+        work = torch.float64 if w_ft.numel() <= (1 << 22) else torch.float32
+        D = w_ft.to(work) - w_0.to(work)
+        if not bool(torch.isfinite(D).all()):
+            # an SVD of NaN/Inf fails inside LAPACK; name the tensor and the files instead
+            raise BaseModelError(f"{ft_index[key]}: tensor {key!r}: the difference from {base_index[key]} contains "
+                                 "NaN or Inf; nothing to extract from a broken weight")
+        if kind == "conv1d":
+            D = D.T  # Conv1D stores (in, out); the LoRA factors describe the (out, in) map
+        U, S, Vh, kept, method = truncated_svd(D, rule)
+        root = S.clamp_min(0).sqrt()
+        builder.add_module(name, kind, U * root, root[:, None] * Vh, scale=1.0, alpha=float(S.numel()),
+                           dtype=OUTPUT_DTYPES[dtype])
+        rows.append({"name": name, "shape": list(D.shape), "rank": int(S.numel()), "retained_energy": kept,
+                     "rel_fro_error": relative_error(kept), "method": method})
+    plan = plan_other(changed_other, lora_modules={n: m.kind for n, m in builder.modules.items()}, layout=layout,
+                      ft_keys=set(ft_index), base_keys=set(base_index), include=include_other)
     if not rows:
-        raise BaseModelError(f"{finetuned}: no linear weight differs from {base}; nothing to extract")
+        other = f" ({len(plan.rows)} other tensor(s) differ, e.g. {plan.rows[0]['name']})" if plan.rows else ""
+        raise BaseModelError(f"{finetuned}: no linear weight differs from {base}; nothing to extract{other}")
+    for keys in plan.modules_to_save.values():
+        for key, source in keys.items():
+            # kept in the fine-tuned dtype, bit for bit: PEFT copies them into its module as they are
+            builder.add_tensor(f"{PEFT_PREFIX}{key}", read(ft_index, source).contiguous())
+    if plan.lora_biases:
+        for name, module in builder.modules.items():
+            # lora_bias is one flag for all adapted layers: the unchanged ones get a zero bias
+            bias_key = plan.lora_biases.get(name)
+            delta = (read(ft_index, bias_key).double() - read(base_index, bias_key).double() if bias_key
+                     else torch.zeros(module.out_features, dtype=torch.float64))
+            module.bias_key = f"{PEFT_PREFIX}{name}.lora_B.bias"
+            builder.tensors[module.bias_key] = delta.to(OUTPUT_DTYPES[dtype])
     names = sorted(builder.modules)
     builder.config = {"peft_type": "LORA", "base_model_name_or_path": str(base), "task_type": None,
                       "target_modules": names, "fan_in_fan_out": any(m.kind == "conv1d"
                                                                      for m in builder.modules.values()),
                       "use_rslora": False, "bias": "none", "lora_dropout": 0.0, "inference_mode": True}
+    if plan.modules_to_save:
+        builder.config["modules_to_save"] = sorted(plan.modules_to_save, key=natural_key)
+    if plan.lora_biases:
+        builder.config["lora_bias"] = True
+        warnings.append(f"{len(plan.lora_biases)} bias change(s) of LoRA layers stored as lora_B.bias "
+                        "(lora_bias=true): loading needs PEFT >= 0.14")
     builder.metadata["loratools_extract"] = json.dumps({"base": str(base), "finetuned": str(finetuned),
                                                         "selection": rule.description})
     conv1d_and_linear = {m.kind for m in builder.modules.values()} == {"linear", "conv1d"}
     if conv1d_and_linear:
         warnings.append("both nn.Linear and Conv1D layers changed; PEFT's single fan_in_fan_out flag is set for "
                         "Conv1D and ignored for Linear layers")
+    warnings += _other_warnings(plan.rows, include_other)
     adapter = builder.build()
     report = {"base": str(base), "finetuned": str(finetuned), "selection": rule.description,
-              "num_modules": len(rows), "num_unchanged": unchanged, "num_skipped": skipped, "modules": rows,
+              "num_modules": len(rows), "num_unchanged": unchanged, "modules": rows,
               "mean_retained_energy": sum(r["retained_energy"] for r in rows) / len(rows),
-              "min_retained_energy": min(r["retained_energy"] for r in rows), "warnings": warnings}
+              "min_retained_energy": min(r["retained_energy"] for r in rows),
+              "include_other": include_other, "num_other_changed": len(plan.rows),
+              "num_other_unchanged": other_unchanged, "other_tensors": plan.rows,
+              "modules_to_save": builder.config.get("modules_to_save", []), "warnings": warnings}
     if any(math.isnan(r["retained_energy"]) for r in rows):
         warnings.append("some differences are not finite")
     return adapter, report
+
+
+def _shapes(index: dict[str, Path], keys: set[str]) -> dict[str, list[int]]:
+    from lora_tools.tensorfile import read_safetensors_header
+
+    shapes: dict[str, list[int]] = {}
+    for path in sorted({index[k] for k in keys}):
+        infos = read_safetensors_header(path)[0]
+        shapes.update({k: list(infos[k].shape) for k in keys if index[k] == path})
+    return shapes
+
+
+def _other_warnings(rows: list[dict[str, Any]], include_other: bool) -> list[str]:
+    """One line on what the adapter leaves out of the fine-tune (the table lists every tensor)."""
+    left_out = [r for r in rows if not r["saved"]]
+    if not left_out:
+        return []
+    savable = sum(r["saved_as"] is not None for r in left_out)
+    largest = max(left_out, key=lambda r: -1.0 if r["rel_change"] is None else r["rel_change"])
+    detail = (f"largest relative change {largest['rel_change']:.3g} in {largest['name']}"
+              if largest["rel_change"] is not None else f"e.g. {largest['name']}")
+    hint = f"; --include-other saves {savable} of them" if savable and not include_other else ""
+    return [f"{len(left_out)} changed tensor(s) outside the LoRA modules are not in the adapter ({detail}){hint}"]

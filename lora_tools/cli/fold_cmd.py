@@ -59,27 +59,35 @@ def fold_command(adapter: Path, base: Path, output: Path, format_: str | None, a
               type=click.Choice(["peft", "kohya", "diffusers"]), help="Output format.")
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp16", "bf16", "fp32"]),
               help="dtype of the written factors.")
+@click.option("--include-other", is_flag=True,
+              help="Also store the changed tensors outside linear layers (norms, embeddings, biases) the way PEFT's "
+                   "modules_to_save does (whole modules), and LoRA layers' bias changes as lora_B.bias.")
 @json_option
 @quiet_option
 @force_option
 @error_boundary
 def extract_command(base: Path, finetuned: Path, output: Path, rank: str | None, energy: str | None,
-                    to_format: str, dtype: str, as_json: bool, quiet: bool, force: bool) -> None:
+                    to_format: str, dtype: str, include_other: bool, as_json: bool, quiet: bool,
+                    force: bool) -> None:
     """Extract a LoRA adapter: for each linear weight that differs, the best rank-R (or energy-F) approximation
     of W_ft − W0 (truncated SVD; randomized with an accuracy check for large layers at a fixed rank). The report
-    gives each module's retained energy."""
+    gives each module's retained energy and lists every other tensor that differs with its relative change."""
     from lora_tools.atomic import check_output
+    from lora_tools.errors import InvalidOptionError
     from lora_tools.extract import extract, select
     from lora_tools.formats import save_adapter
-    from lora_tools.report.merge import render_extract_table
+    from lora_tools.report.extract import render_extract_report
 
     select(rank, energy)
+    if include_other and to_format != "peft":
+        raise InvalidOptionError(f"--include-other stores PEFT modules_to_save tensors; {to_format} files have no "
+                                 "place for them (use --to peft)")
     check_output(output, force, (base, finetuned))
-    adapter, report = extract(base, finetuned, rank=rank, energy=energy, dtype=dtype)
+    adapter, report = extract(base, finetuned, rank=rank, energy=energy, dtype=dtype, include_other=include_other)
     save_adapter(adapter, output, to_format, force=force, inputs=(base, finetuned))
     if as_json:
         echo_json({**report, "output": str(output)})
     else:
-        click.echo(render_extract_table(report))
+        click.echo(render_extract_report(report))
     if not quiet:
         click.echo(f"wrote {output}", err=True)
