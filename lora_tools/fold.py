@@ -6,11 +6,19 @@ changed; every other tensor is copied through bit for bit. Shards are processed 
 one shard. The update is added in the layer's own layout: GPT-2's Conv1D stores (in, out) and gets ΔWᵀ,
 embeddings likewise, conv kernels get ΔW reshaped to (out, in, kh, kw) — the same arithmetic as PEFT's
 ``merge_and_unload`` (float32, cast back to the stored dtype).
+
+Tensors an adapter carries whole (PEFT's ``modules_to_save`` copies such as a classification ``score`` /
+``classifier`` head, saved embedding layers) *replace* the base's tensor of the same name, cast to its dtype:
+that is what ``merge_and_unload`` keeps (the trained copy, not the base's untrained head). PEFT saves them as
+``base_model.model.<module>.<param>`` (``get_peft_model_state_dict`` in peft/utils/save_and_load.py drops the
+``modules_to_save.<adapter>.`` part of the in-memory name); files holding the in-memory naming
+``<module>.modules_to_save.<adapter>.<param>`` are read the same way.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,7 +27,8 @@ import torch
 
 from lora_tools.adapter import Adapter, LoraModule
 from lora_tools.errors import BaseModelError, ModuleMismatchError, UnsupportedAdapterError
-from lora_tools.tensorfile import read_safetensors_header
+from lora_tools.formats.peft import PREFIX as PEFT_PREFIX
+from lora_tools.tensorfile import TensorInfo, read_safetensors_header
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +59,69 @@ def base_keys(files: list[Path]) -> dict[str, Path]:
 def match_weight_key(name: str, keys: dict[str, Path]) -> str | None:
     """The base key of module ``name``'s weight, tolerating a prefix on either side (a task-head model saved as
     ``transformer.h.0...`` vs an adapter trained on ``h.0...``, and the reverse); only a unique match counts."""
-    exact = f"{name}.weight"
-    if exact in keys:
-        return exact
-    candidates = [k for k in keys if k.endswith(".weight") and (k.endswith("." + exact) or
-                                                                exact.endswith("." + k))]
+    return match_base_key(f"{name}.weight", keys)
+
+
+def match_base_key(tensor_name: str, keys: dict[str, Path]) -> str | None:
+    """The base key of tensor ``tensor_name`` (``<module path>.<param>``): exact, else the unique key that ends
+    with it or that it ends with, at a dot boundary."""
+    if tensor_name in keys:
+        return tensor_name
+    param = tensor_name.rsplit(".", 1)[-1]
+    candidates = [k for k in keys if k.rsplit(".", 1)[-1] == param and (k.endswith("." + tensor_name) or
+                                                                           tensor_name.endswith("." + k))]
     return candidates[0] if len(candidates) == 1 else None
+
+
+# PEFT's in-memory name of a modules_to_save copy: <module>.modules_to_save.<adapter>.<param>; the base's own copy
+# beside it is <module>.original_module.<param>.
+_SAVED_COPY = re.compile(r"\.modules_to_save\.[^.]+(?=\.)")
+_ORIGINAL_COPY = ".original_module."
+
+
+def head_tensor_name(key: str) -> str | None:
+    """The base tensor an adapter's whole-tensor copy (a ``modules_to_save`` head) replaces; None for PEFT's
+    ``original_module`` copies, which hold the base's own tensor and are not applied by ``merge_and_unload``."""
+    if _ORIGINAL_COPY in key:
+        return None
+    name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    return _SAVED_COPY.sub("", name)
+
+
+def head_targets(adapter: Adapter, keys: dict[str, Path], base: Path,
+                 module_keys: dict[str, LoraModule]) -> dict[str, TensorInfo]:
+    """Base key -> the adapter tensor that replaces it; refuses copies with no (unique) base tensor."""
+    targets: dict[str, TensorInfo] = {}
+    for info in adapter.extra_tensors:
+        name = head_tensor_name(info.key)
+        if name is None:
+            continue
+        key = match_base_key(name, keys)
+        if key is None:
+            raise ModuleMismatchError(
+                f"{adapter.path}: tensor {info.key} (a modules_to_save copy or other non-LoRA tensor) has no "
+                f"(unique) tensor {name} in the base model {base}; merge_and_unload would apply it, so folding "
+                "without it would differ: is this the right base model?")
+        if key in targets or key in module_keys:
+            other = targets[key].key if key in targets else f"the LoRA module {module_keys[key].name}"
+            raise ModuleMismatchError(f"{adapter.path}: tensors {info.key} and {other} both replace base tensor "
+                                      f"{key}; an adapter file holding several adapters is not supported")
+        targets[key] = info
+    return targets
+
+
+@torch.no_grad()
+def head_weight(adapter: Adapter, info: TensorInfo, weight: torch.Tensor) -> torch.Tensor:
+    """The adapter's copy of a base tensor, shape-checked, in the base tensor's dtype."""
+    if tuple(weight.shape) != tuple(info.shape):
+        raise ModuleMismatchError(
+            f"{adapter.path}: tensor {info.key} has shape {list(info.shape)} but the base tensor it replaces has "
+            f"shape {list(weight.shape)}; was the head trained for another number of labels, or on another base?")
+    copy = adapter.source.get(info.key)
+    if copy.is_floating_point() and not bool(torch.isfinite(copy).all()):
+        raise ModuleMismatchError(f"{adapter.path}: tensor {info.key} contains NaN or Inf; refusing to fold it "
+                                  "into the base weights")
+    return copy.to(weight.dtype).clone()
 
 
 @torch.no_grad()
@@ -110,8 +176,7 @@ def fold(adapter: Adapter, base: Path, output: Path, *, force: bool = False) -> 
     if unmatched:
         raise ModuleMismatchError(f"{base}: {len(unmatched)} adapter module(s) have no (unique) weight in the base "
                                   f"model, e.g. {unmatched[0]}; is this the right base model?")
-    warnings = [f"{len(adapter.extra_tensors)} extra tensor(s) (modules_to_save, ...) were not folded"] \
-        if adapter.extra_tensors else []
+    heads = head_targets(adapter, keys, base, targets)
     copied = total = 0
 
     def write_shard(source: Path, destination: Path) -> None:
@@ -123,6 +188,8 @@ def fold(adapter: Adapter, base: Path, output: Path, *, force: bool = False) -> 
                 tensor = handle.get_tensor(key)
                 if key in targets:
                     tensor = folded_weight(adapter, targets[key], tensor)
+                elif key in heads:
+                    tensor = head_weight(adapter, heads[key], tensor)
                 else:
                     copied += 1
                 tensors[key] = tensor
@@ -140,4 +207,5 @@ def fold(adapter: Adapter, base: Path, output: Path, *, force: bool = False) -> 
                 elif entry.is_file():
                     shutil.copy2(entry, tmp / entry.name)  # config, tokenizer, shard index: the layout stays
     return {"adapter": str(adapter.path), "base": str(base), "output": str(output), "num_modules": len(targets),
-            "num_tensors": total, "num_copied": copied, "warnings": warnings}
+            "num_tensors": total, "num_copied": copied,
+            "heads": {key: info.key for key, info in sorted(heads.items())}, "warnings": []}

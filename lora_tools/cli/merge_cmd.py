@@ -31,6 +31,14 @@ METHOD_HELP = """Methods (--method):
 ties, dare and magnitude are defined entry-wise on ΔW: they build each module's dense out x in update (one module
 at a time, so memory stays bounded by one module) and end with a dense rank-R SVD (default R = largest input
 rank). Default --density 0.2.
+
+\b
+Refused unless told otherwise:
+  - inputs of different base models (base_model_name_or_path, kohya ss_base_model_version), or an input that
+    shares no module with the others: --allow-different-bases merges them anyway (e.g. disjoint layers);
+  - inputs carrying different whole tensors (modules_to_save copies such as a classification head): --heads first
+    keeps the first adapter's, average their mean, drop none (then modules_to_save and a SEQ_CLS/TOKEN_CLS/
+    QUESTION_ANS task_type are removed from the config). One input's, or identical, heads are kept as they are.
 """
 
 
@@ -50,13 +58,17 @@ rank). Default --density 0.2.
               help="Output format (default: the first adapter's).")
 @click.option("--dtype", default="keep", show_default=True, type=click.Choice(["keep", "fp16", "bf16", "fp32"]),
               help="dtype of the written factors (keep: the widest input dtype of each module).")
+@click.option("--heads", default=None, metavar="first|average|drop",
+              help="What to keep of modules_to_save heads that differ between the inputs (see below).")
+@click.option("--allow-different-bases", is_flag=True,
+              help="Merge adapters of different (or unrelated) base models anyway.")
 @json_option
 @quiet_option
 @force_option
 @error_boundary
 def merge_command(adapters: tuple[Path, ...], output: Path, method: str, weights: str | None, rank: str | None,
                   energy: str | None, density: str | None, seed: int, to_format: str | None, dtype: str,
-                  as_json: bool, quiet: bool, force: bool) -> None:
+                  heads: str | None, allow_different_bases: bool, as_json: bool, quiet: bool, force: bool) -> None:
     """Merge ADAPTERS into OUT (one adapter with weight 1 is reproduced by cat and svd).
 
     The merged update of each module is Σ w_i·ΔW_i over the adapters that have it (ΔW_i with each adapter's own
@@ -69,7 +81,7 @@ def merge_command(adapters: tuple[Path, ...], output: Path, method: str, weights
     from lora_tools.report.merge import render_merge_table
 
     validate_options(method, len(adapters), weights=weights, rank=rank, energy=energy, density=density,
-                     dtype=dtype)
+                     dtype=dtype, heads=heads)
     loaded = [load_adapter(path) for path in adapters]
     inputs = tuple(p for a, path in zip(loaded, adapters, strict=True) for p in (path, a.weights_path) if p)
     check_not_input(output, inputs)
@@ -77,7 +89,8 @@ def merge_command(adapters: tuple[Path, ...], output: Path, method: str, weights
     total = len({name for a in loaded for name in a.modules})
     with progress_bar(total, "merging modules", quiet) as advance:
         result = merge_adapters(loaded, method, weights=weights, rank=rank, energy=energy, density=density,
-                                seed=seed, dtype=dtype, progress=advance)
+                                seed=seed, dtype=dtype, heads=heads, allow_different_bases=allow_different_bases,
+                                progress=advance)
     save_adapter(result.adapter, output, to_format, force=force, inputs=inputs)
     report = {**result.report, "output": str(output), "output_format": to_format or result.adapter.format}
     if as_json:

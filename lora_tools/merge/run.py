@@ -5,6 +5,9 @@ adapter's own scale: rank, alpha, rsLoRA and rank/alpha patterns all resolved by
 says otherwise (TIES, DARE and magnitude pruning change the update on purpose). Every module is checked against
 that exact weighted sum from the factors: the report's ``rel_error`` is ‖merged − Σ w_i·ΔW_i‖_F / ‖Σ w_i·ΔW_i‖_F,
 after the cast to the output dtype.
+
+Before any tensor is merged, the inputs must be of one base model (``bases``: stated base names and shared modules)
+and agree on the tensors they carry whole (``heads``: modules_to_save copies such as classification heads).
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import Callable, Sequence
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +33,18 @@ from lora_tools.formats import peft
 from lora_tools.linalg import LowRankSVD, lowrank_svd, single_threaded
 from lora_tools.linalg.products import lowrank_fro_norm, lowrank_inner, stack_factors, subspace_similarity
 from lora_tools.linalg.truncate import RankRule
+from lora_tools.merge import heads as head_rules
+from lora_tools.merge.bases import check_bases
 from lora_tools.merge.methods import MergeOptions, MergeTerm, weighted_stack
 from lora_tools.merge.registry import MergeMethod, get_method
 from lora_tools.truncate import OUTPUT_DTYPES, parse_number, parse_positive_int
 
 logger = logging.getLogger(__name__)
+
+# Dense (ties/dare/magnitude) modules with at least this many out·in entries run on the idle cores: their
+# out x in SVD is the merge's cost (80% of a 12-module GPT-2 ties merge). Smaller problems, and every factor-space
+# one ((out + in) x r), stay on one thread, where OpenMP's fork/join would cost more than the work.
+PARALLEL_MIN_ENTRIES = 1 << 18
 
 
 @dataclass
@@ -53,10 +66,11 @@ def parse_weights(weights: str | Sequence[float] | None, count: int) -> list[flo
 
 
 def validate_options(method: str, count: int, *, weights: Any = None, rank: Any = None, energy: Any = None,
-                     density: Any = None, dtype: str = "keep") -> tuple[MergeMethod, list[float],
-                                                                        RankRule | None, float]:
+                     density: Any = None, dtype: str = "keep", heads: str | None = None) -> tuple[
+                         MergeMethod, list[float], RankRule | None, float]:
     """Check every option before any tensor is read; return (method, weights, rank rule, density)."""
     merge_method = get_method(method)
+    head_rules.parse_heads(heads)
     if count < 1:
         raise InvalidOptionError("merge needs at least one adapter")
     parsed_weights = parse_weights(weights, count)
@@ -83,8 +97,8 @@ def validate_options(method: str, count: int, *, weights: Any = None, rank: Any 
     return merge_method, parsed_weights, rule, fraction
 
 
-def align_modules(adapters: Sequence[Adapter]) -> dict[str, list[LoraModule | None]]:
-    """Modules by merge key, one slot per adapter (None where an adapter lacks the module), shapes checked.
+def module_slots(adapters: Sequence[Adapter]) -> dict[str, list[LoraModule | None]]:
+    """Modules by merge key, one slot per adapter (None where an adapter lacks the module), unchecked.
 
     Adapters in one format match by module name; across formats by the module each name resolves to (the name
     resolution of ``convert``: kohya names against recorded names or the built-in SD/CLIP lists).
@@ -95,6 +109,13 @@ def align_modules(adapters: Sequence[Adapter]) -> dict[str, list[LoraModule | No
         keys = {n: n for n in adapter.modules} if same_format else alignment_keys(adapter)
         for name, module in adapter.modules.items():
             slots.setdefault(keys[name], [None] * len(adapters))[index] = module
+    return slots
+
+
+def align_modules(adapters: Sequence[Adapter], *,
+                  slots: dict[str, list[LoraModule | None]] | None = None) -> dict[str, list[LoraModule | None]]:
+    """``module_slots`` with each module's layer kind and shape checked across the inputs."""
+    slots = module_slots(adapters) if slots is None else slots
     for key, modules in slots.items():
         present = [(i, m) for i, m in enumerate(modules) if m is not None]
         first_index, first = present[0]
@@ -113,26 +134,64 @@ def align_modules(adapters: Sequence[Adapter]) -> dict[str, list[LoraModule | No
     return slots
 
 
-def _output_config(first: Adapter, names: list[str]) -> dict[str, Any] | None:
+def _output_config(first: Adapter, names: list[str], heads: head_rules.HeadsChoice) -> dict[str, Any] | None:
     if first.format != "peft" or not first.config:
         return None
     config = dict(first.config)
-    # The merged adapter targets exactly its own modules, with plain alpha/r scales, and no trained extras.
+    # The merged adapter targets exactly its own modules, with plain alpha/r scales; modules_to_save and task_type
+    # follow the whole tensors it keeps (heads.output_config).
     config.update({"target_modules": sorted(names, key=peft.natural_key), "use_rslora": False,
-                   "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
+                   "use_dora": False, "layers_to_transform": None,
                    "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}})
+    heads.warnings.extend(head_rules.output_config(config, heads))
     return config
+
+
+def idle_threads() -> int:
+    """Threads for one large dense problem: the cores not busy with other work (1-minute load average, less
+    this process), at most torch's setting (which honours OMP_NUM_THREADS). On a shared 2-core machine under
+    load 4, two threads made a 2304 x 768 SVD twice as slow as one, so a busy machine gets one."""
+    limit = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        others = max(0.0, os.getloadavg()[0] - 1.0)  # this process is one of the runnable tasks
+    except OSError:  # no load average on this platform
+        others = 0.0
+    return max(1, min(limit, cores - math.floor(others)))
+
+
+@contextmanager
+def module_threads(merge_method: MergeMethod, entries: int, threads: int) -> Iterator[None]:
+    """``threads`` torch threads for a dense module of ``entries`` out·in entries; otherwise unchanged."""
+    if not (merge_method.dense and entries >= PARALLEL_MIN_ENTRIES and threads > 1):
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @torch.no_grad()
 def merge_adapters(adapters: Sequence[Adapter], method: str = "cat", *, weights: Any = None, rank: Any = None,
                    energy: Any = None, density: Any = None, seed: int = 0, dtype: str = "keep",
+                   heads: str | None = None, allow_different_bases: bool = False,
                    progress: Callable[[int], None] | None = None) -> MergeResult:
     """Merge ``adapters`` with ``method``; returns the merged in-memory adapter (first input's format and module
-    names, scale 1 per module) and a report (plain data)."""
+    names, scale 1 per module) and a report (plain data).
+
+    Refused (``ModuleMismatchError``) when the inputs' bases differ or one shares no module with the others
+    (unless ``allow_different_bases``), and when they carry different non-LoRA tensors (modules_to_save heads)
+    and ``heads`` (first, average or drop) does not say what to keep."""
     merge_method, weight_values, rule, fraction = validate_options(
-        method, len(adapters), weights=weights, rank=rank, energy=energy, density=density, dtype=dtype)
-    slots = align_modules(adapters)
+        method, len(adapters), weights=weights, rank=rank, energy=energy, density=density, dtype=dtype,
+        heads=heads)
+    slots = module_slots(adapters)
+    base_warnings = check_bases(adapters, slots, allow_different_bases)
+    align_modules(adapters, slots=slots)
+    head_choice = head_rules.choose_heads(adapters, heads)
     first = adapters[0]
     advance = progress or (lambda n: None)
     options_base = MergeOptions(rank_rule=rule, density=fraction, seed=seed)
@@ -142,8 +201,11 @@ def merge_adapters(adapters: Sequence[Adapter], method: str = "cat", *, weights:
         owner = next(m for m in modules if m is not None)
         names.append(owner.name)
     builder = AdapterBuilder(out_format, Path(f"merge({', '.join(str(a.path) for a in adapters)})"),
-                             config=_output_config(first, names), base_model=first.base_model,
+                             config=_output_config(first, names, head_choice), base_model=first.base_model,
                              scale_rule="alpha/r (merged: scale 1 per module)")
+    for key, tensor in head_choice.tensors.items():
+        builder.add_tensor(key, tensor)
+    threads = idle_threads() if merge_method.dense else 1
     rows: list[dict[str, Any]] = []
     with single_threaded():
         for key, modules in slots.items():
@@ -161,7 +223,9 @@ def merge_adapters(adapters: Sequence[Adapter], method: str = "cat", *, weights:
                 terms.append(MergeTerm(weight_values[index], module.scale * B, A))
             options = MergeOptions(rank_rule=options_base.rank_rule, density=options_base.density,
                                    seed=options_base.seed, module=key)
-            merged = merge_method.func(terms, options)
+            # The dense methods' out x in SVD is the one problem worth several threads (see PARALLEL_MIN_ENTRIES).
+            with module_threads(merge_method, owner.out_features * owner.in_features, threads):
+                merged = merge_method.func(terms, options)
             out_dtype = (widest_dtype([m.a_info.dtype for _, m in present] + [m.b_info.dtype for _, m in present])
                          if dtype == "keep" else OUTPUT_DTYPES[dtype])
             new_module = builder.add_module(owner.name, owner.kind, merged.B, merged.A, scale=1.0,
@@ -181,11 +245,7 @@ def merge_adapters(adapters: Sequence[Adapter], method: str = "cat", *, weights:
             }
             rows.append(row)
             advance(1)
-    extras = [info.key for a in adapters for info in a.extra_tensors]
-    warnings: list[str] = []
-    if extras:
-        warnings.append(f"{len(extras)} tensor(s) that are not LoRA factors were not merged (e.g. {extras[0]}); "
-                        "modules_to_save copies cannot be combined by these methods")
+    warnings: list[str] = base_warnings + head_choice.warnings
     partial = [r["name"] for r in rows if None in r["ranks_in"]]
     if partial:
         warnings.append(f"{len(partial)} module(s) exist in only some adapters and were merged from those "
@@ -195,7 +255,8 @@ def merge_adapters(adapters: Sequence[Adapter], method: str = "cat", *, weights:
                         "(one module at a time) and the result truncated by a dense SVD")
     builder.metadata["loratools_merge"] = json.dumps({
         "method": method, "inputs": [str(a.path) for a in adapters], "weights": weight_values,
-        "density": fraction if merge_method.uses_density else None, "seed": seed if method == "dare" else None})
+        "density": fraction if merge_method.uses_density else None, "seed": seed if method == "dare" else None,
+        "heads": head_choice.report["policy"]})
     merged_adapter = builder.build()
     merged_adapter.warnings = warnings
     report = {
@@ -215,6 +276,7 @@ def merge_adapters(adapters: Sequence[Adapter], method: str = "cat", *, weights:
         "max_rel_error": max((r["rel_error"] for r in rows), default=0.0),
         "params_in": [a.total_params for a in adapters],
         "params_out": merged_adapter.total_params,
+        "heads": head_choice.report,
         "warnings": warnings,
     }
     return MergeResult(merged_adapter, report)

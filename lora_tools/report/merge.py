@@ -40,6 +40,9 @@ def render_merge_table(report: dict[str, Any]) -> str:
         "max |cos| / max φ: interference between the inputs' updates (cosine as vectors; subspace overlap of "
         "their column spaces, Hu et al. 2021)",
     ]
+    heads = report.get("heads") or {}
+    if heads.get("kept"):
+        lines.append(f"non-LoRA tensors (modules_to_save heads) kept ({heads['policy']}): {', '.join(heads['kept'])}")
     lines += [f"warning: {w}" for w in report["warnings"]]
     return "\n".join(lines)
 
@@ -84,5 +87,10 @@ def render_extract_table(report: dict[str, Any]) -> str:
 def render_fold_report(report: dict[str, Any]) -> str:
     lines = [f"folded {report['num_modules']} module(s) of {report['adapter']} into {report['base']} -> "
              f"{report['output']} ({report['num_tensors']} tensors, {report['num_copied']} copied unchanged)"]
+    heads = report.get("heads") or {}
+    if heads:
+        # modules_to_save copies (e.g. a classification head) replace the base's tensors, as in merge_and_unload
+        lines.append(f"replaced {len(heads)} base tensor(s) by the adapter's trained copies (modules_to_save): "
+                     + ", ".join(heads))
     lines += [f"warning: {w}" for w in report["warnings"]]
     return "\n".join(lines)
