@@ -69,7 +69,7 @@ def test_diffusers_processor_and_text_encoder_namings(tmp_path: Path) -> None:
     save_file(tensors, str(path))
     assert detect(tmp_path) == "diffusers"
     adapter = load_adapter(tmp_path)
-    assert set(adapter.modules) == {"mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0",
+    assert set(adapter.modules) == {"unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0",
                                     "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"}
     te = adapter.modules["text_encoder.text_model.encoder.layers.0.self_attn.q_proj"]
     assert (te.rank, te.alpha, te.scale) == (8, 4.0, 0.5)

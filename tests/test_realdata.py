@@ -29,11 +29,12 @@ LORA = {
     "diffusers-sd15-flower": ("diffusers", 128, 4, 4.0, 1.0, "F32",
                               "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k", [320, 320],
                               "linear"),
+    # old attention-processor naming without a component prefix: named unet.<path> like the newer files
     "diffusers-sd15-catundchat": ("diffusers", 128, 4, 4.0, 1.0, "F32",
-                                  "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k", [320, 320],
+                                  "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k", [320, 320],
                                   "linear"),
     "diffusers-sd15-catundchat/pytorch_lora_weights.bin": (
-        "diffusers", 128, 4, 4.0, 1.0, "F32", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k",
+        "diffusers", 128, 4, 4.0, 1.0, "F32", "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k",
         [320, 320], "linear"),
     "sd-lora-timohavdk/2100-lora.safetensors": (
         "diffusers", 128, 4, 4.0, 1.0, "F32", "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k",
@@ -72,7 +73,7 @@ def test_real_lora_adapters_read_right(folder: str) -> None:
 def test_catundchat_old_processor_names_map_to_module_paths() -> None:
     adapter = load_adapter(REALDATA / "diffusers-sd15-catundchat")
     names = set(adapter.modules)
-    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0" in names
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0" in names
     assert not any("processor" in n or n.endswith("_lora") for n in names)
 
 

@@ -1,8 +1,9 @@
 """Module names across formats: one canonical form, (component, module path), and the three spellings of it.
 
 * PEFT: the module path inside one model (``model.layers.0.self_attn.q_proj``, ``down_blocks.0...to_q``).
-* diffusers: the path behind a component prefix (``unet.``, ``text_encoder.``, ``text_encoder_2.``); the older
-  attention-processor keys are already mapped to module paths by the reader (and belong to the UNet).
+* diffusers: the path behind a component prefix (``unet.``, ``text_encoder.``, ``text_encoder_2.``). The reader
+  names every module with its prefix (``canonical_diffusers_name``): the older attention-processor keys, which
+  have none, are mapped to module paths and belong to the UNet, so old and new files name a layer alike.
 * kohya: ``lora_<component>_`` + the path with dots turned into underscores. That is lossy (``to_out.0`` and a
   hypothetical ``to_out_0`` flatten alike), so kohya names are resolved against real module names: the ones
   loratools recorded in the file's metadata, a base model's weight names, or built-in lists of the common
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from lora_tools.errors import BaseModelError, InvalidOptionError
+from lora_tools.errors import BaseModelError, InvalidOptionError, ModuleMismatchError, UnsupportedAdapterError
 
 COMPONENTS = ("unet", "te", "te1", "te2", "transformer")
 # kohya prefix of each component; the longest match wins when reading ("lora_te1_" before "lora_te_").
@@ -26,6 +27,8 @@ KOHYA_PREFIX = {"unet": "lora_unet_", "te": "lora_te_", "te1": "lora_te1_", "te2
                 "transformer": "lora_transformer_"}
 DIFFUSERS_PREFIX = {"unet": "unet.", "te": "text_encoder.", "te1": "text_encoder.", "te2": "text_encoder_2.",
                     "transformer": "transformer."}
+# Every component prefix a diffusers LoRA file may use ("prior." is Würstchen / Stable Cascade's prior).
+DIFFUSERS_COMPONENT_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.", "prior.")
 # Sub-folders of a diffusers pipeline folder, by component (for --base).
 PIPELINE_FOLDERS = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2",
                     "transformer": "transformer"}
@@ -74,6 +77,16 @@ def from_diffusers(name: str) -> Canonical:
     return Canonical(guess_component(name) or "unet", name)
 
 
+def canonical_diffusers_name(name: str, component: str | None = None) -> str:
+    """A diffusers module name with its component prefix: ``unet.<path>`` for the UNet whatever the file's naming.
+    A name without a prefix gets ``component``'s (the reader knows the attention-processor naming is the UNet's)
+    or the one its path shows (UNet blocks, ``text_model.``); other names stay as they are."""
+    if name.startswith(DIFFUSERS_COMPONENT_PREFIXES):
+        return name
+    component = component or guess_component(name)
+    return DIFFUSERS_PREFIX[component] + name if component else name
+
+
 def from_peft(name: str, component: str | None) -> Canonical:
     return Canonical(component if component is not None else guess_component(name), name)
 
@@ -96,6 +109,47 @@ def to_kohya(canonical: Canonical, has_te2: bool) -> str:
 
 def to_diffusers(canonical: Canonical) -> str:
     return (DIFFUSERS_PREFIX[canonical.component] if canonical.component else "") + canonical.path
+
+
+def canonical_of(name: str, source_format: str) -> Canonical:
+    """The canonical form of a PEFT or diffusers module name (kohya names need resolving: ``convert.run``)."""
+    if source_format == "diffusers":
+        return from_diffusers(name)
+    if source_format == "peft":
+        return from_peft(name, None)
+    raise UnsupportedAdapterError(
+        f"module {name}: {source_format} modules carry no layer path (a lora_diffusion file identifies them by "
+        "order only), so they cannot be named in another format")
+
+
+def kohya_names(names: Iterable[str], source_format: str) -> dict[str, str]:
+    """Module name -> kohya name for an adapter in ``source_format``: ``lora_<component>_`` + the flattened path,
+    the only spelling kohya's loaders (sd-scripts, ComfyUI, A1111) apply. kohya names stay as they are."""
+    names = list(names)
+    if source_format == "kohya":
+        return {n: n for n in names}
+    canonical = {n: canonical_of(n, source_format) for n in names}
+    has_te2 = any(c.component == "te2" for c in canonical.values())
+    mapping: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for name, found in canonical.items():
+        flat = to_kohya(found, has_te2)
+        if flat in seen:
+            raise ModuleMismatchError(f"modules {seen[flat]} and {name} both become {flat} in kohya naming")
+        seen[flat] = name
+        mapping[name] = flat
+    return mapping
+
+
+def provenance_metadata(mapping: dict[str, str], source_format: str,
+                        peft_config: dict | None = None) -> dict[str, str]:
+    """Metadata that lets a kohya file written from another format convert back exactly without a base model:
+    the original module names (kohya's are lossy) and, for PEFT input, its config."""
+    metadata = {META_NAMES: json.dumps({out: name for name, out in mapping.items()}),
+                META_SOURCE_FORMAT: source_format}
+    if peft_config:
+        metadata[META_PEFT_CONFIG] = json.dumps(peft_config)
+    return metadata
 
 
 # --- built-in module lists -------------------------------------------------------------------------------------

@@ -23,9 +23,7 @@ import torch
 from lora_tools.adapter import Adapter, LoraModule
 from lora_tools.builder import AdapterBuilder, factor_keys
 from lora_tools.convert.names import (
-    META_NAMES,
     META_PEFT_CONFIG,
-    META_SOURCE_FORMAT,
     Canonical,
     NameIndex,
     base_index,
@@ -34,6 +32,7 @@ from lora_tools.convert.names import (
     from_peft,
     natural_sort,
     parse_prefix,
+    provenance_metadata,
     recorded_names,
     split_kohya,
     to_diffusers,
@@ -64,15 +63,24 @@ class ConvertPlan:
     warnings: list[str] = field(default_factory=list)
 
 
-def canonical_names(adapter: Adapter, *, base: Path | None, prefix: str | None,
-                    allow_partial: bool) -> tuple[dict[str, Canonical], str, list[str]]:
+_CONVERT_HINT = ("pass --base MODEL (the base model's folder or a safetensors file of its weights), or "
+                 "--allow-partial to drop them")
+
+
+def canonical_names(adapter: Adapter, *, base: Path | None, prefix: str | None, allow_partial: bool,
+                    hint: str = _CONVERT_HINT) -> tuple[dict[str, Canonical], str, list[str]]:
     """Canonical (component, path) of every module; kohya names are resolved (unresolvable ones dropped only with
-    ``allow_partial``, else refused with the list)."""
+    ``allow_partial``, else refused with the list and ``hint``)."""
     warnings: list[str] = []
     if adapter.format == "peft":
         return {n: from_peft(n, prefix) for n in adapter.modules}, "PEFT module paths", warnings
     if adapter.format == "diffusers":
         return {n: from_diffusers(n) for n in adapter.modules}, "diffusers module paths", warnings
+    if adapter.format != "kohya":
+        first = next(iter(adapter.modules), "?")
+        raise UnsupportedAdapterError(
+            f"{adapter.path}: {adapter.format} modules are identified by their order in the model only (e.g. "
+            f"{first}), not by layer name, so they cannot be converted to named formats")
     recorded, source_format = recorded_names(adapter.metadata)
     index: NameIndex | None = None
     result: dict[str, Canonical] = {}
@@ -100,8 +108,7 @@ def canonical_names(adapter: Adapter, *, base: Path | None, prefix: str | None,
         if not allow_partial:
             raise UnresolvedNamesError(
                 f"{adapter.path}: {len(unresolved)} of {len(adapter.modules)} kohya module name(s) match no module "
-                f"of {where}: {shown}; pass --base MODEL (the base model's folder or a safetensors file of its "
-                "weights), or --allow-partial to drop them")
+                f"of {where}: {shown}; {hint}")
         warnings.append(f"{len(unresolved)} module(s) dropped (--allow-partial), names not resolved: {shown}")
     return result, " + ".join(sorted(sources)) or "none", warnings
 
@@ -235,10 +242,8 @@ def _output_metadata(adapter: Adapter, to: str, mapping: dict[str, str]) -> dict
         return {"format": "pt"}
     if to == "kohya" and adapter.format != "kohya":
         # kohya names are lossy; record the originals (and PEFT's config) so the file converts back exactly.
-        metadata[META_NAMES] = json.dumps({out: name for name, out in mapping.items()})
-        metadata[META_SOURCE_FORMAT] = adapter.format
-        if adapter.format == "peft" and adapter.config:
-            metadata[META_PEFT_CONFIG] = json.dumps(adapter.config)
+        metadata.update(provenance_metadata(mapping, adapter.format,
+                                            adapter.config if adapter.format == "peft" else None))
     return metadata
 
 
@@ -328,18 +333,28 @@ def convert(source: Path, output: Path, to: str, *, base: Path | None = None, pr
     }
 
 
+def foreign_names(adapter: Adapter, to: str) -> dict[str, str]:
+    """Module name -> name in ``to``'s naming, for a writer handed another format's adapter (truncate or merge
+    ``--to``): the canonical path of ``convert``, kohya names resolved against recorded names or the built-in
+    lists (no --base here, so unresolvable ones are refused with a pointer to ``convert``)."""
+    canonical, _, _ = canonical_names(
+        adapter, base=None, prefix=None, allow_partial=False,
+        hint=f"write the {adapter.format} format instead, or run `loratools convert --base MODEL` on that output")
+    return output_names(canonical, to, None, adapter)
+
+
 def alignment_keys(adapter: Adapter) -> dict[str, str]:
     """A format-independent key per module (component:path) to match modules of adapters in different formats;
     kohya names are resolved like ``convert`` does (recorded names, built-in lists), unresolved ones keep their
-    flattened name."""
-    from lora_tools.formats.kohya import flat_name
-
+    name; modules named by order only (lora_diffusion) match nothing in another format."""
+    if adapter.format not in ("peft", "kohya", "diffusers"):
+        return {n: f"{adapter.format}:{n}" for n in adapter.modules}
     canonical, _, _ = canonical_names(adapter, base=None, prefix=None, allow_partial=True)
     keys = {}
     for name in adapter.modules:
         found = canonical.get(name)
         if found is None:
-            keys[name] = f"?:{flat_name(name, adapter.format)}"
+            keys[name] = f"?:{name}"
         else:
             component = "te" if found.component == "te1" else found.component
             keys[name] = f"{component}:{found.path}"

@@ -1,9 +1,16 @@
-"""diffusers LoRA files (``pytorch_lora_weights.safetensors``), in the three namings diffusers has used:
+"""diffusers LoRA files (``pytorch_lora_weights.safetensors``), in the namings diffusers has used:
 
 * ``unet.<module>.lora.down.weight`` / ``.lora.up.weight`` (and ``text_encoder.<module>.lora_linear_layer.*``);
 * the older attention-processor naming ``<block>.processor.to_q_lora.down.weight`` (``to_out_lora`` is
-  ``to_out.0``), without a component prefix;
+  ``to_out.0``), usually without a component prefix, and its text-encoder counterpart
+  ``text_encoder.<...>.self_attn.to_q_lora.down.weight`` (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``: the
+  mapping diffusers' own loader applied to these files);
 * the PEFT-backed naming ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` without an adapter_config.json.
+
+Module names are canonical whatever the naming: the module path behind its component prefix, ``unet.`` for the
+processor naming and UNet block paths that have none (``names.canonical_diffusers_name``), so an old and a new file
+of one base name a layer alike and merge, compare and convert as such. Writing a diffusers input back keeps the
+file's own keys.
 
 Scale: ``network_alpha / rank`` where an ``.alpha`` tensor is stored, else 1 (diffusers' default).
 """
@@ -15,6 +22,7 @@ import re
 from pathlib import Path
 
 from lora_tools.adapter import Adapter, LoraModule
+from lora_tools.convert.names import Canonical, canonical_diffusers_name, from_diffusers
 from lora_tools.errors import AdapterFormatError
 from lora_tools.formats import peft
 from lora_tools.formats.common import (
@@ -31,27 +39,30 @@ NAME = "diffusers"
 WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 _NEW = re.compile(r"^(?P<module>.+?)\.(?:lora|lora_linear_layer)\.(?P<role>down|up)\.weight$")
 _PROCESSOR = re.compile(r"^(?P<block>.+?)\.processor\.(?P<proj>[A-Za-z0-9_]+?)_lora\.(?P<role>down|up)\.weight$")
+# diffusers <= 0.16 text-encoder keys: LoRA layers patched beside CLIP's projections, named after the UNet's.
+_OLD_TEXT = re.compile(r"^(?P<block>.+?\.self_attn)\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<role>down|up)\.weight$")
+_OLD_TEXT_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 _ALPHA = re.compile(r"^(?P<module>.+?)(?:\.lora|\.lora_linear_layer)?\.alpha$")
-COMPONENT_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.", "prior.")
 
 
 def sniff_keys(keys: list[str]) -> bool:
-    if any(_NEW.match(k) or _PROCESSOR.match(k) for k in keys):
+    if any(_NEW.match(k) or _PROCESSOR.match(k) or _OLD_TEXT.match(k) for k in keys):
         return True
     # PEFT-named factors without PEFT's base_model.model. prefix (diffusers >= 0.26, ComfyUI/ai-toolkit exports)
     return any(".lora_A." in k or ".lora_B." in k or k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
 
 
 def module_name_of(key: str) -> tuple[str, str] | None:
-    """(module, 'down'|'up') for a diffusers factor key, with processor names mapped to module paths."""
-    match = _PROCESSOR.match(key)
-    if match:
+    """(canonical module name, 'down'|'up') for a diffusers factor key: processor names mapped to module paths,
+    the component prefix added where the key has none."""
+    if match := _PROCESSOR.match(key):
         proj = match["proj"]
         proj = "to_out.0" if proj == "to_out" else proj
-        return f"{match['block']}.{proj}", match["role"]
-    match = _NEW.match(key)
-    if match:
-        return match["module"], match["role"]
+        return canonical_diffusers_name(f"{match['block']}.{proj}", "unet"), match["role"]
+    if match := _OLD_TEXT.match(key):
+        return canonical_diffusers_name(f"{match['block']}.{_OLD_TEXT_PROJ[match['proj']]}", "te"), match["role"]
+    if match := _NEW.match(key):
+        return canonical_diffusers_name(match["module"]), match["role"]
     return None
 
 
@@ -71,17 +82,21 @@ def read(path: Path) -> Adapter:
     ups: dict[str, TensorInfo] = {}
     alphas: dict[str, TensorInfo] = {}
     extras: list[TensorInfo] = []
+    # (role, layer) -> key: one layer under two namings (processor and module path, with or without a component
+    # prefix) is caught even where the names differ (an unprefixed path that is no known UNet block).
+    claimed: dict[tuple[str, Canonical], str] = {}
     for key, info in infos.items():
         found = module_name_of(key)
         if found:
             module, role = found
-            target = downs if role == "down" else ups
-            if module in target:
-                raise AdapterFormatError(f"{path}: module {module} appears twice ({target[module].key!r} and "
+            layer = (role, from_diffusers(module))
+            if layer in claimed:
+                raise AdapterFormatError(f"{path}: module {module} appears twice ({claimed[layer]!r} and "
                                          f"{key!r}): two naming schemes in one file")
-            target[module] = info
+            claimed[layer] = key
+            (downs if role == "down" else ups)[module] = info
         elif (match := _ALPHA.match(key)) and info.numel == 1:
-            alphas[match["module"]] = info
+            alphas[canonical_diffusers_name(match["module"])] = info
         else:
             extras.append(info)
     if not downs and not ups:
@@ -139,7 +154,8 @@ def write(adapter: Adapter, path: Path, *, force: bool = False) -> Path:
 
     A diffusers input keeps its own key naming (factors, ``.alpha`` tensors and everything else under their
     keys); for the PEFT-backed naming the ranks/alphas in ``lora_adapter_metadata`` are rewritten with exact
-    per-module patterns. Other inputs are written in the ``<module>.lora.down.weight`` naming with an
+    per-module patterns. Other inputs are written in the ``<module>.lora.down.weight`` naming, under each module's
+    canonical diffusers name (``unet.<path>``, kohya names resolved as ``convert`` does), with an
     ``<module>.alpha`` where the scale is not 1 (diffusers' network_alpha / rank).
     """
     import torch
@@ -159,6 +175,10 @@ def write(adapter: Adapter, path: Path, *, force: bool = False) -> Path:
             raise AdapterFormatError(f"{adapter.path}: module {missing[0]} has scale {scale:g} but the file has no "
                                      "alpha tensor or config to hold it; write --to peft instead")
     else:
+        from lora_tools.convert.run import foreign_names  # convert.run imports the format registry
+
+        # The canonical diffusers name of each module (unet.<path>, text_encoder.<path>), kohya names resolved.
+        out_names = foreign_names(adapter, NAME)
         tensors = {}
         for name, module in adapter.modules.items():
             if module.kind not in ("linear", "conv") or module.bias_key or module.magnitude_key:
@@ -166,10 +186,11 @@ def write(adapter: Adapter, path: Path, *, force: bool = False) -> Path:
                     f"{adapter.path}: module {name} ({module.kind}{', bias' if module.bias_key else ''}"
                     f"{', DoRA' if module.magnitude_key else ''}) cannot be written in diffusers' LoRA naming; "
                     "write --to peft instead")
-            tensors[f"{name}.lora.down.weight"] = adapter.source.get(module.a_info.key)
-            tensors[f"{name}.lora.up.weight"] = adapter.source.get(module.b_info.key)
+            out = out_names[name]
+            tensors[f"{out}.lora.down.weight"] = adapter.source.get(module.a_info.key)
+            tensors[f"{out}.lora.up.weight"] = adapter.source.get(module.b_info.key)
             if abs(module.scale - 1.0) > 1e-12:
-                tensors[f"{name}.alpha"] = torch.tensor(module.scale * module.rank, dtype=torch.float32)
+                tensors[f"{out}.alpha"] = torch.tensor(module.scale * module.rank, dtype=torch.float32)
         for info in adapter.extra_tensors:
             tensors[info.key] = adapter.source.get(info.key)
     with atomic_path(path, force) as tmp:

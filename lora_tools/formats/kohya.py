@@ -1,6 +1,11 @@
 """kohya-ss/sd-scripts LoRA files: one safetensors with ``<flat_name>.lora_down.weight``, ``.lora_up.weight``,
 an optional scalar ``.alpha`` (missing alpha means alpha = rank, i.e. scale 1), optional ``.dora_scale``, and
 ``ss_*`` training metadata. Module names are flattened (dots became underscores) and kept as they are.
+
+Writing another format's adapter names each module ``lora_<component>_<flattened path>`` through the canonical
+names of ``convert`` (``names.kohya_names``): ``lora_unet_`` for the UNet whatever the input's naming, since
+kohya's loaders (sd-scripts, ComfyUI, A1111) apply nothing else, and records the original names in the metadata
+so that ``convert`` reads the file back without a base model.
 """
 
 from __future__ import annotations
@@ -10,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from lora_tools.adapter import Adapter, LoraModule
-from lora_tools.errors import AdapterFormatError, ModuleMismatchError
+from lora_tools.convert.names import kohya_names, provenance_metadata
+from lora_tools.errors import AdapterFormatError, ModuleMismatchError, UnsupportedAdapterError
 from lora_tools.formats.common import (
     format_number,
     make_module,
@@ -96,11 +102,9 @@ _STALE_METADATA = ("sshs_model_hash", "sshs_legacy_hash")
 
 
 def flat_name(name: str, source_format: str) -> str:
-    """kohya's flattened module name: kept for kohya input, ``lora_`` + dots to underscores otherwise."""
-    if source_format == NAME:
-        return name
-    flat = name.replace(".", "_")
-    return flat if flat.startswith(_PREFIXES) else f"lora_{flat}"
+    """kohya's module name for one module: kept for kohya input, ``lora_<component>_`` + the flattened path
+    otherwise (one module alone cannot tell SDXL's te1 from SD's te: ``write`` maps the whole adapter)."""
+    return kohya_names([name], source_format)[name]
 
 
 def write(adapter: Adapter, path: Path, *, force: bool = False) -> Path:
@@ -117,6 +121,10 @@ def write(adapter: Adapter, path: Path, *, force: bool = False) -> Path:
     tensors: dict[str, Any] = {}
     ranks: set[int] = set()
     alphas: set[float] = set()
+    try:
+        flat_names = kohya_names(adapter.modules, adapter.format)
+    except (ModuleMismatchError, UnsupportedAdapterError) as exc:
+        raise type(exc)(f"{adapter.path}: {exc}") from exc
     for name, module in adapter.modules.items():
         if module.kind not in ("linear", "conv"):
             raise ModuleMismatchError(
@@ -126,7 +134,7 @@ def write(adapter: Adapter, path: Path, *, force: bool = False) -> Path:
             raise ModuleMismatchError(
                 f"{adapter.path}: module {name} has a LoRA bias or a {adapter.format} DoRA magnitude that kohya "
                 "files cannot hold in the same layout; write --to peft instead")
-        flat = flat_name(name, adapter.format)
+        flat = flat_names[name]
         alpha = module.scale * module.rank
         tensors[f"{flat}.lora_down.weight"] = adapter.source.get(module.a_info.key)  # (r, in[, kh, kw])
         tensors[f"{flat}.lora_up.weight"] = adapter.source.get(module.b_info.key)  # (out, r[, 1, 1])
@@ -143,6 +151,9 @@ def write(adapter: Adapter, path: Path, *, force: bool = False) -> Path:
     for info in adapter.extra_tensors:
         tensors[info.key] = adapter.source.get(info.key)
     metadata = {k: v for k, v in adapter.metadata.items() if k not in _STALE_METADATA}
+    if adapter.format != NAME:
+        metadata.update(provenance_metadata(flat_names, adapter.format,
+                                            adapter.config if adapter.format == "peft" else None))
     metadata["ss_network_dim"] = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
     metadata["ss_network_alpha"] = str(format_number(alphas.pop())) if len(alphas) == 1 else "Dynamic"
     with atomic_path(path, force) as tmp:
