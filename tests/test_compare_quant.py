@@ -272,8 +272,10 @@ def test_cli_json_and_report_are_identical(tiny_models: dict[str, Any], tmp_path
     for name in ("report.md", "error_vs_bits.png", "error_histogram.png"):
         assert (out / name).stat().st_size > 0
     markdown = (out / "report.md").read_text()
-    assert markdown.index("Winner at equal bytes") < markdown.index("Per layer")
-    assert_one_line_error(run_cli(*args), "--force")
+    assert markdown.index("## Summary") < markdown.index("## Winner per layer") < markdown.index("## Per-layer")
+    refused = run_cli(*args)  # with --json the one error line also comes as a JSON object on stdout
+    assert refused.exit_code == 1 and "--force" in json.loads(refused.stdout)["error"]
+    assert_one_line_error(run_cli(*[a for a in args if a != "--json"]), "--force")
     assert run_cli(*args, "--force").exit_code == 0
 
 
@@ -282,10 +284,14 @@ def test_cli_default_run_on_minilm(tmp_path: Path) -> None:
 
     if not (example_adapter_path() / "adapter_config.json").exists():
         pytest.skip("bundled example adapter not trained yet")
-    result = run_cli("compare-quant", "--max-tokens", "256", "--json", "--quiet", "--device", "cpu")
+    # The held-out default needs >= 1536 tokens on each side (the widest layer's inputs); an in-sample run with
+    # one scheme and one rank keeps this test short (tests/test_compare_quant_holdout.py covers the refusals).
+    result = run_cli("compare-quant", "--max-tokens", "1600", "--holdout", "0", "--ranks", "1", "--schemes",
+                     "int8-channel", "--json", "--quiet", "--device", "cpu")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert len(report["layers"]) == 36 and not report["unmatched_modules"]
+    assert report["evaluation"] == "in-sample" and report["calib_tokens"] == 1600
 
 
 def _write(path: Path, content: bytes) -> Path:

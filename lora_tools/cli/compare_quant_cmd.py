@@ -35,7 +35,8 @@ from lora_tools.cli._common import (
                    "(default: the bundled standard-library docstrings).")
 @click.option("--max-tokens", type=int, default=8192, show_default=True, help="Tokens used in all.")
 @click.option("--holdout", type=float, default=0.25, show_default=True,
-              help="Share of sequences held out (never used to fit).")
+              help="Share of sequences held out (never used to fit); each side needs at least as many tokens as "
+                   "the widest layer has inputs. 0: no hold-out, every error reported in-sample.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Dtype of the model's forward pass (the comparison itself runs in float32/float64).")
@@ -65,7 +66,11 @@ def compare_quant_command(path: Path | None, base: Path | None, target: str, ran
     adapter = load_adapter(default_adapter(path), format_)
     job = prepare_compare(adapter, base, options)
     if job.random:
-        click.echo("note: --calib random: isotropic Gaussian inputs, not real layer inputs", err=True)
+        click.echo("note: --calib random: errors are measured on synthetic Gaussian inputs N(0, I), not on inputs "
+                   "captured from the base model", err=True)
+    if job.evaluation == "in-sample":
+        click.echo(f"warning: --holdout 0: nothing is held out; every error reported is IN-SAMPLE (measured on the "
+                   f"{job.counts.calibration} calibration tokens the fits used)", err=True)
     with progress_bar(job.steps, "compare-quant", quiet) as advance:
         report = job.run(progress=advance)
     if report_dir is not None:

@@ -39,6 +39,7 @@ from lora_tools.capture import (
     split_tokens,
     tokenize_documents,
 )
+from lora_tools.compare.holdout import TokenCounts, check_token_counts
 from lora_tools.compare.methods import (
     Approximation,
     ErrorMap,
@@ -54,13 +55,12 @@ from lora_tools.compare.methods import (
 from lora_tools.compare.metrics import (
     EnergyContext,
     OutputErrorStats,
-    _hist_quantile,
     approximation_error_structure,
-    entry_histogram_edges,
     rel_error,
     snr_db,
     uniform_noise_prediction,
 )
+from lora_tools.compare.summary import aggregate, mark_duplicates, summary
 from lora_tools.errors import InvalidOptionError, LoraToolsError, ModuleMismatchError
 from lora_tools.quant import DEFAULT_SCHEMES, QuantScheme, get_scheme
 
@@ -172,6 +172,12 @@ class CompareJob:
     unmatched: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)
+    counts: TokenCounts | None = None  # set by prepare_compare, after the token check
+
+    @property
+    def evaluation(self) -> str:
+        """"held-out", or "in-sample" when --holdout 0 asked for no split."""
+        return self.counts.evaluation if self.counts is not None else "held-out"
 
     @property
     def random(self) -> bool:
@@ -323,6 +329,7 @@ class CompareJob:
             results.append({"label": label, "method": base["method"], "rank": base["rank"],
                             "equal_budget_to": budget, **{k: v for k, v in base.items()
                                                           if k not in ("method", "rank")}})
+        mark_duplicates(results, [index for index, _ in layer.entries])
         return {
             "name": layer.name,
             "model_module": layer.model_name,
@@ -337,125 +344,42 @@ class CompareJob:
 
     def _report(self) -> dict[str, Any]:
         layers = [self._finalize(layer) for layer in self.layers]
-        aggregate, histograms = _aggregate(layers, self.layers)
+        layer_stats = [[layer.stats[index] for index, _ in layer.entries] for layer in self.layers]
+        aggregate_rows, histograms = aggregate(layers, layer_stats)
         for row in layers:
             for result in row["results"]:
                 result.pop("_energy")
         first = self.layers[0] if self.layers else None
+        schemes = [s.name for s in self.schemes]
         return {
             "tool": f"loratools {__version__}",
             "base_model": display_path(self.base_path) if self.base_path else None,
+            # The name the adapter gives its base, whether or not a base model was loaded.
+            "adapter_base_model": self.adapter.base_model if self.adapter else None,
+            "base_model_run": not self.random,
+            "inputs": "random" if self.random else "captured",
             "adapter": display_path(self.adapter.path) if self.adapter else None,
             "target": self.options.target,
             "device": str(self.device),
             "dtype": self.options.dtype,
             "calib": self.calib_description,
+            # Which tokens the errors in "summary" (and rel_error) were measured on; see compare.holdout.
+            "evaluation": self.evaluation,
             "calib_tokens": first.calib.tokens if first else 0,
             "holdout_tokens": first.holdout.tokens if first else 0,
             "calib_sequences": len(self.calib_sequences),
             "holdout_sequences": len(self.holdout_sequences),
             "holdout_fraction": self.options.holdout,
+            "min_tokens": max(layer.target.shape[1] for layer in self.layers) if self.layers else 0,
             "ranks": list(self.ranks),
-            "schemes": [s.name for s in self.schemes],
+            "schemes": schemes,
             "unmatched_modules": self.unmatched,
             "skipped_modules": self.skipped,
             "layers": layers,
-            "aggregate": aggregate,
-            "summary": _summary(layers, aggregate, [s.name for s in self.schemes]),
+            "aggregate": aggregate_rows,
+            "summary": summary(layers, aggregate_rows, schemes, self.evaluation),
             "error_histograms": histograms,
         }
-
-
-def _aggregate(rows: list[dict[str, Any]], layers: list[Layer]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Per method label over all layers: energies summed (so errors are ‖ΔY‖/‖Y‖ of all layers stacked)."""
-    groups: dict[str, dict[str, Any]] = {}
-    for row, layer in zip(rows, layers, strict=True):
-        entry_stats = [layer.stats[index] for index, _ in layer.entries]
-        for result, stats in zip(row["results"], entry_stats, strict=True):
-            g = groups.setdefault(result["label"], {
-                "label": result["label"], "method": result["method"], "ranks": set(),
-                "equal_budget_to": result["equal_budget_to"], "bytes": 0, "params": 0, "energy": [0.0] * 6,
-                "worst": math.inf, "max_abs": 0.0, "token_hist": None, "entry_hist": None, "token_max": 0.0,
-                "noise": [0.0, 0.0]})
-            g["ranks"].add(result["rank"])
-            g["bytes"] += result["bytes"]
-            g["params"] += row["params"]
-            g["energy"] = [a + b for a, b in zip(g["energy"], result["_energy"], strict=True)]
-            if result["worst_token_cosine"] == result["worst_token_cosine"]:
-                g["worst"] = min(g["worst"], result["worst_token_cosine"])
-                g["max_abs"] = max(g["max_abs"], result["max_abs_error"])
-                g["token_max"] = max(g["token_max"], result["token_error_max"])
-            hist = stats.token_hist.cpu()
-            g["token_hist"] = hist if g["token_hist"] is None else g["token_hist"] + hist
-            if stats.entry_hist is not None:
-                entry = stats.entry_hist.cpu()
-                g["entry_hist"] = entry if g["entry_hist"] is None else g["entry_hist"] + entry
-            ratio = result["uniform_noise_ratio"]
-            if ratio is not None and ratio == ratio and ratio > 0:
-                g["noise"][0] += result["_energy"][1]
-                g["noise"][1] += result["_energy"][1] / ratio
-    aggregate = []
-    histograms: dict[str, Any] = {"unit": "|ΔY entry| / rms(Y entry)", "edges": entry_histogram_edges(),
-                                  "counts": {}}
-    from lora_tools.compare.metrics import TOKEN_LOG_RANGE
-
-    for label, g in groups.items():
-        y_hold, err_hold, y_calib, err_calib, inner, y_hat = g["energy"]
-        ranks = g["ranks"]
-        has_hold = float(g["token_hist"].sum()) > 0
-        aggregate.append({
-            "label": label,
-            "method": g["method"],
-            "rank": next(iter(ranks)) if len(ranks) == 1 else None,
-            "equal_budget_to": g["equal_budget_to"],
-            "bytes": g["bytes"],
-            "bits_per_param": 8.0 * g["bytes"] / g["params"],
-            "rel_error": rel_error(y_hold, err_hold) if has_hold else math.nan,
-            "rel_error_calib": rel_error(y_calib, err_calib),
-            "snr_db": snr_db(y_hold, err_hold) if has_hold else math.nan,
-            "cosine": inner / math.sqrt(y_hold * y_hat) if y_hold > 0 and y_hat > 0 else math.nan,
-            "worst_token_cosine": g["worst"] if has_hold else math.nan,
-            "max_abs_error": g["max_abs"] if has_hold else math.nan,
-            "token_error_p50": _hist_quantile(g["token_hist"], 0.5, TOKEN_LOG_RANGE, g["token_max"]),
-            "token_error_p99": _hist_quantile(g["token_hist"], 0.99, TOKEN_LOG_RANGE, g["token_max"]),
-            "uniform_noise_ratio": g["noise"][0] / g["noise"][1] if g["noise"][1] > 0 else None,
-        })
-        if g["entry_hist"] is not None:
-            histograms["counts"][label] = [float(c) for c in g["entry_hist"]]
-    return aggregate, histograms
-
-
-def _summary(layers: list[dict[str, Any]], aggregate: list[dict[str, Any]],
-             schemes: list[str]) -> list[dict[str, Any]]:
-    """For each layer (and all layers together) and scheme: the scheme vs SVD at equal bytes, winner and factor."""
-
-    def compare(results: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-        by_label = {r["label"]: r for r in results}
-        out = []
-        for scheme in schemes:
-            quant = by_label.get(scheme)
-            svd = by_label.get(f"svd@{scheme}")
-            act = by_label.get(f"svd-act@{scheme}")
-            if quant is None or svd is None:
-                continue
-            q_err, s_err = quant["rel_error"], svd["rel_error"]
-            if not (q_err == q_err and s_err == s_err):  # no held-out tokens: fall back to calibration
-                q_err, s_err = quant["rel_error_calib"], svd["rel_error_calib"]
-            winner = scheme if q_err <= s_err else "svd"
-            low, high = sorted((q_err, s_err))
-            out.append({
-                "layer": name, "scheme": scheme, "bytes": quant["bytes"], "svd_rank": svd["rank"],
-                "svd_bytes": svd["bytes"], "scheme_rel_error": q_err, "svd_rel_error": s_err,
-                "svd_act_rel_error": act["rel_error"] if act else None,
-                "winner": winner, "factor": high / low if low > 0 else math.inf,
-            })
-        return out
-
-    rows = []
-    for layer in layers:
-        rows.extend(compare(layer["results"], layer["name"]))
-    rows.extend(compare(aggregate, "all layers"))
-    return rows
 
 
 # --- preparation ------------------------------------------------------------------------------------------------
@@ -504,6 +428,10 @@ def prepare_compare(adapter: Adapter | None, base: Path | None, options: Compare
                                   f"(supported: {', '.join(CAPTURE_KINDS)})")
     if is_random:
         job.calib_description = "random: isotropic Gaussian inputs N(0, I) (no base model run)"
+        calib_tokens, holdout_tokens = split_tokens(options.max_tokens, options.holdout)
+        job.counts = TokenCounts(calib_tokens, holdout_tokens, options.holdout, "--calib random",
+                                 available=options.max_tokens, max_tokens=options.max_tokens)
+        _check_counts(job)
         return job
     job.model = model
     job.pad_id = int(tokenizer.pad_token_id)
@@ -511,10 +439,20 @@ def prepare_compare(adapter: Adapter | None, base: Path | None, options: Compare
     calib_idx, holdout_idx = holdout_split(len(corpus.sequences), options.holdout, options.seed)
     job.calib_sequences = [corpus.sequences[i] for i in calib_idx]
     job.holdout_sequences = [corpus.sequences[i] for i in holdout_idx]
+    # Sequences carry no padding, so these are exactly the tokens the layers will see.
+    job.counts = TokenCounts(sum(map(len, job.calib_sequences)), sum(map(len, job.holdout_sequences)),
+                             options.holdout, display_path(calib_path), available=corpus.tokens,
+                             max_tokens=options.max_tokens, sequences=len(corpus.sequences))
+    _check_counts(job)
     job.calib_description = ("bundled: Python standard-library docstrings (lora_tools/data/calib_corpus.txt)"
                              if options.calib is None else f"file: {options.calib}")
     job.modules = {layer.name: mapping.modules[layer.name] for layer in job.layers}
     return job
+
+
+def _check_counts(job: CompareJob) -> None:
+    widest = max(job.layers, key=lambda layer: layer.target.shape[1])
+    check_token_counts(job.counts, widest.target.shape[1], widest.name)
 
 
 def _build_layers(job: CompareJob, adapter: Adapter, mapping: Any, is_random: bool) -> list[Layer]:

@@ -37,21 +37,119 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _winner_cell(row: dict[str, Any]) -> str:
-    if row["winner"] == "svd":
-        return f"svd r{row['svd_rank']} ×{_num(row['factor'], 2)}"
-    return f"**{row['scheme']}** ×{_num(row['factor'], 2)}"
+IN_SAMPLE = "in-sample"
 
 
-def render_summary_table(report: dict[str, Any]) -> str:
+def _evaluation(report: dict[str, Any]) -> str:
+    # Reports written before the field existed were held-out whenever they had held-out tokens.
+    return report.get("evaluation") or ("held-out" if report.get("holdout_tokens") else IN_SAMPLE)
+
+
+def _error_key(report: dict[str, Any]) -> str:
+    return "rel_error" if _evaluation(report) == "held-out" else "rel_error_calib"
+
+
+def _rank_text(rank: Any) -> str:
+    return f"r{rank}" if rank is not None else "mixed ranks"
+
+
+def _versus(row: dict[str, Any], winner_key: str, factor_key: str, truncation: str) -> str:
+    """'**int8-channel** ×45' when the scheme wins, 'svd-act r8 ×1.3' when the truncation does."""
+    factor = f"×{_num(row[factor_key], 2)}"
+    if row[winner_key] == row["scheme"]:
+        return f"**{row['scheme']}** {factor}"
+    return f"{truncation} {factor}"
+
+
+def _title(report: dict[str, Any]) -> str:
+    inputs = "synthetic Gaussian inputs" if report.get("inputs") == "random" else "real layer outputs"
+    title = f"# compare-quant: truncation vs quantization on {inputs}"
+    if _evaluation(report) == IN_SAMPLE:
+        title += " — IN-SAMPLE (no held-out data)"
+    return title
+
+
+def _context(report: dict[str, Any]) -> list[str]:
+    """Three lines: what was compared on which base, where the inputs came from, which tokens measure."""
+    adapter = f"Adapter `{report['adapter']}`, target **{report['target']}**"
+    random = report.get("inputs") == "random"
+    if report["base_model"] is None:
+        named = report.get("adapter_base_model")
+        base = "; no base model was run" + (f" (the adapter names its base `{named}`)" if named else
+                                            " (the adapter names no base)")
+    elif random:
+        base = f", on base `{report['base_model']}` (its weights only: the model was not run)"
+    else:
+        base = f", on base `{report['base_model']}`"
+    lines = [f"{adapter}{base}; device {report['device']}, forward dtype {report['dtype']}.  "]
+    if random:
+        lines.append(f"Inputs: {report['calib']}. Every error is relative to the outputs on these synthetic "
+                     "inputs, which are not what the layers see in the model.  ")
+    else:
+        lines.append(f"Inputs: captured from the base model (adapter applied) on the calibration text — "
+                     f"{report['calib']}.  ")
+    needed = report.get("min_tokens")
+    floor = f" (at least {needed} each: the widest layer's input width)" if needed else ""
+    if _evaluation(report) == IN_SAMPLE:
+        lines.append(f"Evaluation: **IN-SAMPLE** (`--holdout 0`): every error is measured on the same "
+                     f"{report['calib_tokens']} tokens the fits used. svd-act is optimal on exactly these tokens, "
+                     "so its margin here is a best case; per-token statistics need held-out tokens and are "
+                     "left out.")
+    else:
+        lines.append(f"Evaluation: **held-out**: fits used {report['calib_tokens']} calibration tokens; errors "
+                     f"are measured on {report['holdout_tokens']} other tokens ({report['holdout_sequences']} "
+                     f"sequences) that no fit saw{floor}.")
+    return lines
+
+
+def render_summary(report: dict[str, Any]) -> str:
+    """All layers together: each scheme against the best truncation (svd-act) and plain SVD at equal bytes."""
+    ev = _evaluation(report)
+    per_layer = [r for r in report["summary"] if r["layer"] != "all layers"]
+    agg = {r["label"]: r for r in report["aggregate"]}
+    rows = []
+    for row in report["summary"]:
+        if row["layer"] != "all layers":
+            continue
+        scheme = row["scheme"]
+        mine = [r for r in per_layer if r["scheme"] == scheme]
+        won_best = sum(r["winner_vs_best"] == scheme for r in mine)
+        won_svd = sum(r["winner"] == scheme for r in mine)
+        best = f"{row['best_truncation_method']} {_rank_text(row['best_truncation_rank'])}"
+        rows.append([scheme, _num(row["bytes"]), _num(agg[scheme]["bits_per_param"]) if scheme in agg else "–",
+                     _num(row["scheme_rel_error"]),
+                     f"{_num(row['best_truncation_rel_error'])} ({best})",
+                     f"{_num(row['svd_rel_error'])} (svd {_rank_text(row['svd_rank'])})",
+                     _versus(row, "winner_vs_best", "factor_vs_best", best),
+                     _versus(row, "winner", "factor", f"svd {_rank_text(row['svd_rank'])}"),
+                     f"{won_best}/{len(mine)}", f"{won_svd}/{len(mine)}"])
+    headers = ["scheme", "bytes", "bits/param", f"scheme error ({ev})", "svd-act: best truncation",
+               "plain svd", "winner vs svd-act", "winner vs svd", "layers won vs svd-act", "vs svd"]
+    intro = (f"All layers together, {ev}: the relative output error ‖ΔY‖/‖Y‖ of each scheme, of the best "
+             "truncation (svd-act: the rank-k map with the smallest output error on the calibration inputs) and "
+             "of plain SVD truncation, both at the largest rank whose float16 factors fit in the scheme's bytes; "
+             "the winner of each pairing and by what factor; and in how many layers the scheme wins.")
+    return "\n".join([f"## Summary ({ev})", "", intro, "", _table(headers, rows)])
+
+
+def render_winner_table(report: dict[str, Any]) -> str:
+    """One row per layer, one cell per scheme: winner against svd-act, factor, and both errors."""
     schemes = report["schemes"]
     by_layer: dict[str, dict[str, dict[str, Any]]] = {}
     for row in report["summary"]:
-        by_layer.setdefault(row["layer"], {})[row["scheme"]] = row
-    rows = []
-    for layer, cells in by_layer.items():
-        rows.append([_short(layer) if layer != "all layers" else "**all layers**"]
-                    + [_winner_cell(cells[s]) if s in cells else "–" for s in schemes])
+        if row["layer"] != "all layers":
+            by_layer.setdefault(row["layer"], {})[row["scheme"]] = row
+
+    def cell(row: dict[str, Any] | None) -> str:
+        if row is None:
+            return "–"
+        factor = f"×{_num(row['factor_vs_best'], 2)}"
+        winner = "**quant**" if row["winner_vs_best"] == row["scheme"] else \
+            f"{row['best_truncation_method']} {_rank_text(row['best_truncation_rank'])}"
+        return (f"{winner} {factor} · {_num(row['scheme_rel_error'])} vs "
+                f"{_num(row['best_truncation_rel_error'])}")
+
+    rows = [[_short(layer)] + [cell(cells.get(s)) for s in schemes] for layer, cells in by_layer.items()]
     return _table(["layer", *schemes], rows)
 
 
@@ -59,90 +157,125 @@ AGG_COLUMNS = [("label", "method"), ("bytes", "bytes"), ("bits_per_param", "bits
                ("rel_error", "rel. error (held-out)"), ("rel_error_calib", "rel. error (calib)"),
                ("snr_db", "SNR dB"), ("cosine", "cosine"), ("worst_token_cosine", "worst-token cos"),
                ("token_error_p99", "token err p99"), ("uniform_noise_ratio", "measured/uniform-noise")]
-LAYER_COLUMNS = [("label", "method"), ("rank", "rank"), ("bytes", "bytes"), ("bits_per_param", "bits/param"),
-                 ("rel_error", "rel. err"), ("rel_error_calib", "rel. err calib"), ("snr_db", "SNR dB"),
-                 ("cosine", "cos"), ("worst_token_cosine", "worst cos"), ("max_abs_error", "max |ΔY|"),
-                 ("token_error_p50", "tok p50"), ("token_error_p99", "tok p99"), ("token_error_max", "tok max"),
-                 ("kurtosis", "kurtosis"), ("error_stable_rank", "err stable rank"),
-                 ("error_top1_energy", "err top-1"), ("uniform_noise_ratio", "noise ratio")]
+AGG_COLUMNS_IN_SAMPLE = [("label", "method"), ("bytes", "bytes"), ("bits_per_param", "bits/param"),
+                         ("rel_error_calib", "rel. error (in-sample)"),
+                         ("uniform_noise_ratio", "measured/uniform-noise")]
+LAYER_COLUMNS = [("label", "method"), ("rank", "rank"), ("bytes", "bytes"), ("rel_error", "rel. err"),
+                 ("rel_error_calib", "rel. err calib"), ("worst_token_cosine", "worst cos"),
+                 ("token_error_p99", "tok p99"), ("kurtosis", "kurtosis"), ("error_stable_rank", "err stable rank"),
+                 ("uniform_noise_ratio", "noise ratio")]
+LAYER_COLUMNS_IN_SAMPLE = [("label", "method"), ("rank", "rank"), ("bytes", "bytes"),
+                           ("rel_error_calib", "rel. err (in-sample)"), ("error_stable_rank", "err stable rank"),
+                           ("uniform_noise_ratio", "noise ratio")]
+SAME_BYTES = "same bytes as"
+
+
+def _distinct(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per approximation: duplicates (``same_as``) folded into the first, whose label becomes the
+    approximation's own name (``svd-r8``, not ``svd@int8-channel``) where one rank holds in every layer, and whose
+    ``same bytes as`` lists every scheme whose bytes it matches."""
+    rows: dict[str, dict[str, Any]] = {}
+    for result in results:
+        first = result.get("same_as") or result["label"]
+        if first not in rows:
+            shown = dict(result)
+            if result["equal_budget_to"] and result["rank"] is not None:
+                shown["label"] = f"{result['method']}-r{result['rank']}"
+            shown[SAME_BYTES] = []
+            rows[first] = shown
+        if result["equal_budget_to"]:
+            rows[first][SAME_BYTES].append(result["equal_budget_to"])
+    for row in rows.values():
+        row[SAME_BYTES] = ", ".join(row[SAME_BYTES]) or "–"
+    return list(rows.values())
 
 
 def _rows(results: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
-    body = [[r[k] if isinstance(r.get(k), str) else _num(r.get(k)) for k, _ in columns] for r in results]
+    columns = [*columns, (SAME_BYTES, SAME_BYTES)]
+    body = [[r[k] if isinstance(r.get(k), str) else _num(r.get(k)) for k, _ in columns] for r in _distinct(results)]
     return _table([title for _, title in columns], body)
 
 
 def _reading(report: dict[str, Any]) -> list[str]:
     """A few plain-language sentences, each derived from numbers in the report."""
+    ev = _evaluation(report)
     lines = []
-    overall = [r for r in report["summary"] if r["layer"] == "all layers"]
-    for row in overall:
-        if row["winner"] == "svd":
-            lines.append(f"- At the bytes of **{row['scheme']}**, plain SVD truncation has the smaller output error "
-                         f"over all layers ({_num(row['svd_rel_error'])} vs {_num(row['scheme_rel_error'])}, "
-                         f"×{_num(row['factor'], 2)}).")
-        else:
-            lines.append(f"- At equal bytes, **{row['scheme']}** beats SVD truncation over all layers: relative "
-                         f"output error {_num(row['scheme_rel_error'])} vs {_num(row['svd_rel_error'])} "
-                         f"(×{_num(row['factor'], 2)} smaller).")
     per_layer = [r for r in report["summary"] if r["layer"] != "all layers"]
-    if per_layer:
-        quant_wins = sum(r["winner"] != "svd" for r in per_layer)
-        lines.append(f"- Layer by layer, rounding wins {quant_wins} of {len(per_layer)} (layer, scheme) pairings "
-                     "at equal bytes.")
-    agg = {r["label"]: r for r in report["aggregate"]}
-    noise = [(label, r["uniform_noise_ratio"]) for label, r in agg.items() if r.get("uniform_noise_ratio")]
+    for row in (r for r in report["summary"] if r["layer"] == "all layers"):
+        scheme = row["scheme"]
+        mine = [r for r in per_layer if r["scheme"] == scheme]
+        best = f"{row['best_truncation_method']} {_rank_text(row['best_truncation_rank'])}"
+        against = []
+        for name, err, winner, factor in ((best, row["best_truncation_rel_error"], row["winner_vs_best"],
+                                           row["factor_vs_best"]),
+                                          (f"plain svd {_rank_text(row['svd_rank'])}", row["svd_rel_error"],
+                                           row["winner"], row["factor"])):
+            side = "below" if winner == scheme else "above"
+            against.append(f"×{_num(factor, 2)} {side} {name} ({_num(err)})")
+        won = sum(r["winner_vs_best"] == scheme for r in mine)
+        lines.append(f"- **{scheme}**: {ev} error {_num(row['scheme_rel_error'])}, {' and '.join(against)}; "
+                     f"it beats the best truncation in {won} of {len(mine)} layers.")
+    agg = _distinct(report["aggregate"])
+    noise = [(r["label"], r["uniform_noise_ratio"]) for r in agg if r.get("uniform_noise_ratio")]
     if noise:
         spread = ", ".join(f"{label} {_num(ratio, 2)}" for label, ratio in noise)
         lines.append(f"- Rounding errors behave like independent uniform noise when the measured/predicted ratio "
                      f"is near 1 (Widrow's step²/12 model): {spread}.")
-    act = [(r, agg.get(r["label"].replace("svd", "svd-act", 1))) for r in agg.values() if r["method"] == "svd"]
-    better = [(s, a) for s, a in act if a is not None and a["rel_error"] == a["rel_error"]]
-    if better:
-        wins = sum(a["rel_error"] <= s["rel_error"] for s, a in better)
+    key = _error_key(report)
+    by_label = {r["label"]: r for r in report["aggregate"]}
+    pairs = [(r, by_label.get(r["label"].replace("svd", "svd-act", 1))) for r in report["aggregate"]
+             if r["method"] == "svd" and not r.get("same_as")]
+    pairs = [(s, a) for s, a in pairs if a is not None and a[key] == a[key]]
+    if pairs and ev == IN_SAMPLE:
+        lines.append(f"- svd-act has the smaller error than plain SVD at {sum(a[key] <= s[key] for s, a in pairs)} "
+                     f"of {len(pairs)} ranks/budgets, but these are the tokens it was fitted to (optimal on them "
+                     "by construction): this says nothing about new inputs.")
+    elif pairs:
         lines.append(f"- The activation-aware truncation (svd-act, fitted on calibration inputs) has the smaller "
-                     f"held-out error than plain SVD at {wins} of {len(better)} ranks/budgets; on calibration "
-                     "inputs it is optimal by construction.")
-    quant = [r for r in agg.values() if r["method"].startswith("int")]
-    svd = [r for r in agg.values() if r["method"] == "svd" and r["equal_budget_to"]]
-    if quant and svd:
+                     f"held-out error than plain SVD at {sum(a[key] <= s[key] for s, a in pairs)} of {len(pairs)} "
+                     "ranks/budgets; on calibration inputs it is optimal by construction.")
+    if any(r["method"].startswith("int") for r in agg) and any(r["method"] == "svd" for r in agg):
         lines.append("- Error structure: rounding spreads its error over many directions (weight-error stable rank "
-                     "is high), truncation concentrates it in the discarded directions — see the per-layer "
-                     "`err stable rank` and `err top-1` columns and the histogram plot.")
+                     "is high), truncation concentrates it in the discarded directions — see `err stable rank` in "
+                     "the per-layer detail and the histogram plot.")
     return lines
 
 
 def render_compare_markdown(report: dict[str, Any], summary_only: bool = False) -> str:
-    parts = ["# compare-quant: truncation vs quantization on real layer outputs", ""]
-    parts.append(f"Target **{report['target']}** of adapter `{report['adapter']}` on base `{report['base_model']}`; "
-                 f"device {report['device']}, forward dtype {report['dtype']}.  ")
-    parts.append(f"Calibration: {report['calib']} — {report['calib_tokens']} tokens fit, "
-                 f"{report['holdout_tokens']} held-out tokens ({report['holdout_sequences']} sequences) measure.")
-    parts += ["", "## Winner at equal bytes", "",
-              "Each cell: the smaller held-out relative output error ‖ΔY‖/‖Y‖ between the scheme and plain SVD "
-              "truncation at the largest rank whose float16 factors fit in the same bytes, and by what factor.", "",
-              render_summary_table(report)]
+    ev = _evaluation(report)
+    in_sample = ev == IN_SAMPLE
+    parts = [_title(report), "", *_context(report), "", render_summary(report)]
     if summary_only:
         return "\n".join(parts) + "\n"
-    parts += ["", "## All layers together", "",
-              "Errors are ‖ΔY‖/‖Y‖ over all layers stacked; `method@scheme` is truncation at the bytes of that "
-              "scheme.", "", _rows(report["aggregate"], AGG_COLUMNS)]
-    parts += ["", "## Reading", "", *_reading(report)]
-    parts += ["", "## Plots", "", "![output error vs bits per parameter](error_vs_bits.png)", "",
-              "![histogram of output-error entries](error_histogram.png)"]
+    parts += ["", f"## Reading ({ev})", "", *_reading(report)]
+    parts += ["", "## Plots", "", "![output error vs bits per parameter](error_vs_bits.png)"]
+    if not in_sample:
+        parts += ["", "![histogram of output-error entries](error_histogram.png)"]
+    parts += ["", f"## Winner per layer ({ev})", "",
+              "Each cell: the smaller error at equal bytes between the scheme (**quant**) and the best truncation "
+              "(svd-act at the rank that fits), by what factor, then both errors (scheme vs svd-act). Plain SVD "
+              "is in the per-layer detail below.", "", render_winner_table(report)]
+    parts += ["", f"## All layers together ({ev})", "",
+              "Errors are ‖ΔY‖/‖Y‖ over all layers stacked. A truncation that several schemes' bytes buy is shown "
+              f"once, with those schemes under `{SAME_BYTES}`.", "",
+              _rows(report["aggregate"], AGG_COLUMNS_IN_SAMPLE if in_sample else AGG_COLUMNS)]
     if report["unmatched_modules"] or report["skipped_modules"]:
         parts += ["", "## Modules not compared", ""]
         parts += [f"- `{name}`: not found in the base model" for name in report["unmatched_modules"]]
         parts += [f"- {name}" for name in report["skipped_modules"]]
-    parts += ["", "## Per layer", "",
-              "rel. err: held-out ‖ΔY‖/‖Y‖; tok p50/p99/max: per-token ‖Δy‖/‖y‖ (held-out); kurtosis: excess "
-              "kurtosis of ΔY entries; err stable rank / top-1: of the weight error; noise ratio: measured / "
-              "uniform-noise prediction."]
+    legend = ("rel. err: in-sample ‖ΔY‖/‖Y‖ on the calibration tokens" if in_sample else
+              "rel. err: held-out ‖ΔY‖/‖Y‖; worst cos, tok p99: per token ‖Δy‖/‖y‖ (held-out); kurtosis: excess "
+              "kurtosis of ΔY entries")
+    parts += ["", f"## Per-layer detail ({ev})", "",
+              f"{legend}; err stable rank: of the weight error; noise ratio: measured / uniform-noise prediction. "
+              "Every statistic of every row is also in report.json."]
+    columns = LAYER_COLUMNS_IN_SAMPLE if in_sample else LAYER_COLUMNS
     for layer in report["layers"]:
-        parts += ["", f"### {layer['name']} ({layer['shape'][0]} x {layer['shape'][1]})", "",
-                  _rows(layer["results"], LAYER_COLUMNS)]
+        parts += ["", f"<details><summary>{layer['name']} ({layer['shape'][0]} x {layer['shape'][1]})</summary>",
+                  "", _rows(layer["results"], columns)]
         if layer["notes"]:
             parts += [""] + [f"- {note}" for note in layer["notes"]]
+        parts += ["", "</details>"]
     return "\n".join(parts) + "\n"
 
 
