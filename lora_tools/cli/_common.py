@@ -14,22 +14,44 @@ from typing import Any
 
 import click
 
-from lora_tools.errors import LoraToolsError
+from lora_tools.errors import InvalidOptionError, LoraToolsError
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 force_option = click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 format_option = click.option("--format", "format_", type=click.Choice(["peft", "kohya", "diffusers"]),
                              default=None, help="Input format (default: detected).")
-adapter_argument = click.argument("path", required=False, type=click.Path(path_type=Path))
+EXAMPLES = {"minilm": "all-MiniLM-L6-v2 encoder, r=16", "llm": "SmolLM2-135M-Instruct, r=8, all seven linear kinds"}
+
+
+def adapter_argument(func: Callable[..., Any]) -> Callable[..., Any]:
+    """PATH (optional; a local adapter or a cached Hub id org/name[@rev][:subfolder]) plus --example, which
+    picks the bundled adapter used without PATH; --example is read back by ``default_adapter``."""
+
+    def remember(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is not None:
+            ctx.meta["loratools.example"] = value
+        return value
+
+    func = click.option("--example", type=click.Choice(list(EXAMPLES)), default=None, expose_value=False,
+                        callback=remember, help="Without PATH, use this bundled example adapter (default minilm): "
+                        + "; ".join(f"{k}: {v}" for k, v in EXAMPLES.items()) + ".")(func)
+    return click.argument("path", required=False, type=click.Path(path_type=Path))(func)
 
 
 def default_adapter(path: Path | None) -> Path:
+    """PATH resolved (a Hub id from the local cache only), else the --example adapter (default: minilm)."""
+    context = click.get_current_context(silent=True)
+    example = context.meta.get("loratools.example") if context is not None else None
     if path is not None:
-        return path
+        if example is not None:
+            raise InvalidOptionError(f"{path}: give an adapter PATH or --example {example}, not both")
+        from lora_tools.model.resolve import resolve_adapter_reference
+
+        return resolve_adapter_reference(path)
     from lora_tools.data import example_adapter_path
 
-    return example_adapter_path()
+    return example_adapter_path(example or "minilm")
 
 
 def fail(message: str, as_json: bool = False) -> None:
