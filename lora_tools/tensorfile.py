@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from lora_tools.errors import AdapterFormatError, UnsafeFileError
+from lora_tools.errors import AdapterFormatError, UnsafeFileError, UnsupportedAdapterError
 
 # Refuse headers above this size before reading them (a hostile length field must not make us allocate).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -271,6 +271,12 @@ class StateDictSource(MemorySource):
             raise AdapterFormatError(
                 f"{path}: not a readable PyTorch weights file ({type(exc).__name__}: {str(exc)[:200]})"
             ) from exc
+        if isinstance(state, list) and state and all(isinstance(t, torch.Tensor) for t in state):
+            # cloneofsimo/lora's save_lora_weight: [up0, down0, up1, ...], no names, ranks or target classes
+            raise UnsupportedAdapterError(
+                f"{path}: cloneofsimo lora_diffusion pickled list of {len(state)} tensors (up/down pairs identified "
+                "only by their order, with no ranks or target classes); re-save it as safetensors "
+                "(lora_diffusion's convert_loras_to_safeloras) and read that")
         if not isinstance(state, dict):
             raise AdapterFormatError(f"{path}: expected a mapping of tensor names to tensors, found "
                                      f"{type(state).__name__}")

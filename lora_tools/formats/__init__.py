@@ -11,12 +11,13 @@ from types import ModuleType
 
 from lora_tools.adapter import Adapter
 from lora_tools.errors import AdapterFormatError, InvalidOptionError
-from lora_tools.formats import diffusers, kohya, peft
+from lora_tools.formats import diffusers, kohya, lora_diffusion, peft
 from lora_tools.formats.common import refuse_non_lora
 from lora_tools.tensorfile import open_tensor_file
 
 # Order matters for sniffing: the first format whose sniff_keys accepts the keys wins.
-FORMATS: dict[str, ModuleType] = {"peft": peft, "kohya": kohya, "diffusers": diffusers}
+FORMATS: dict[str, ModuleType] = {"peft": peft, "kohya": kohya, "diffusers": diffusers,
+                                   "lora_diffusion": lora_diffusion}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
