@@ -168,7 +168,7 @@ def predictor_analysis(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         result.append({
             "method": method,
             "variants": len(members),
-            "predictor": PREDICTORS.get(method, "each method's own prediction"),
+            "predictor": PREDICTORS.get(method, "each variant's own method's prediction, pooled"),
             "spearman_weight": spearman([r.get("predicted_weight_rel_error") for r in members], measured),
             "spearman_output": spearman([r.get("predicted_output_rel_error") for r in members], measured),
         })

@@ -236,7 +236,12 @@ class VariantBuilder:
         factors = {n: ModuleFactors(m.B, m.A, m.scale) for n, m in self.modules.items()}
         size = sum(lowrank_bytes(m.shape, int(m.B.shape[1])) for m in self.modules.values())
         zero = {n: PredictedError(0.0, None if m.C is None else 0.0) for n, m in self.modules.items()}
-        return self._variant("identity", "identity", None, None, size, factors, zero)
+        return self._variant("identity", "identity", self._stored_rank(), None, size, factors, zero)
+
+    def _stored_rank(self) -> int | None:
+        """The adapter's rank when every module has the same one (what identity and quant variants keep)."""
+        ranks = {int(m.B.shape[1]) for m in self.modules.values()}
+        return ranks.pop() if len(ranks) == 1 else None
 
     @torch.no_grad()
     def svd(self, rank: int) -> Variant:
@@ -270,9 +275,7 @@ class VariantBuilder:
         for name, m in self.modules.items():
             factors[name], nbytes, predicted[name] = _quantized(ModuleFactors(m.B, m.A, m.scale), scheme, m.C)
             size += nbytes
-        ranks = {int(m.B.shape[1]) for m in self.modules.values()}
-        return self._variant(scheme.name, "quant", ranks.pop() if len(ranks) == 1 else None, scheme.name, size,
-                             factors, predicted)
+        return self._variant(scheme.name, "quant", self._stored_rank(), scheme.name, size, factors, predicted)
 
     @torch.no_grad()
     def mixed(self, rank: int, scheme: QuantScheme) -> Variant:
