@@ -237,7 +237,7 @@ def _reading(report: dict[str, Any]) -> list[str]:
     if any(r["method"].startswith("int") for r in agg) and any(r["method"] == "svd" for r in agg):
         lines.append("- Error structure: rounding spreads its error over many directions (weight-error stable rank "
                      "is high), truncation concentrates it in the discarded directions — see `err stable rank` in "
-                     "the per-layer detail and the histogram plot.")
+                     "the per-layer detail" + (" and the histogram plot." if ev != IN_SAMPLE else "."))
     return lines
 
 
@@ -264,19 +264,29 @@ def render_compare_markdown(report: dict[str, Any], summary_only: bool = False) 
         parts += [f"- `{name}`: not found in the base model" for name in report["unmatched_modules"]]
         parts += [f"- {name}" for name in report["skipped_modules"]]
     legend = ("rel. err: in-sample ‖ΔY‖/‖Y‖ on the calibration tokens" if in_sample else
-              "rel. err: held-out ‖ΔY‖/‖Y‖; worst cos, tok p99: per token ‖Δy‖/‖y‖ (held-out); kurtosis: excess "
-              "kurtosis of ΔY entries")
+              "rel. err: held-out ‖ΔY‖/‖Y‖; worst cos: the lowest per-token cosine of y and ŷ; tok p99: 99th "
+              "percentile of the per-token ‖Δy‖/‖y‖ (both held-out); kurtosis: excess kurtosis of ΔY entries")
     parts += ["", f"## Per-layer detail ({ev})", "",
               f"{legend}; err stable rank: of the weight error; noise ratio: measured / uniform-noise prediction. "
               "Every statistic of every row is also in report.json."]
-    columns = LAYER_COLUMNS_IN_SAMPLE if in_sample else LAYER_COLUMNS
-    for layer in report["layers"]:
-        parts += ["", f"<details><summary>{layer['name']} ({layer['shape'][0]} x {layer['shape'][1]})</summary>",
-                  "", _rows(layer["results"], columns)]
-        if layer["notes"]:
-            parts += [""] + [f"- {note}" for note in layer["notes"]]
-        parts += ["", "</details>"]
+    parts += ["", f"<details><summary>{len(report['layers'])} layers: every distinct approximation of each"
+                  "</summary>", "", render_layer_detail(report), "", "</details>"]
+    notes = [f"- {_short(layer['name'])}: {note}" for layer in report["layers"] for note in layer["notes"]]
+    if notes:
+        parts += ["", *notes]
     return "\n".join(parts) + "\n"
+
+
+def render_layer_detail(report: dict[str, Any]) -> str:
+    """One table for all layers (the layer named on every row, so it can be searched and sorted)."""
+    columns = LAYER_COLUMNS_IN_SAMPLE if _evaluation(report) == IN_SAMPLE else LAYER_COLUMNS
+    columns = [("layer", "layer"), *columns, (SAME_BYTES, SAME_BYTES)]
+    body = []
+    for layer in report["layers"]:
+        for row in _distinct(layer["results"]):
+            row["layer"] = _short(layer["name"])
+            body.append([row[k] if isinstance(row.get(k), str) else _num(row.get(k)) for k, _ in columns])
+    return _table([title for _, title in columns], body)
 
 
 def check_report_dir(path: Path, force: bool) -> None:
