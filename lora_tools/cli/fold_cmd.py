@@ -36,8 +36,10 @@ def fold_command(adapter: Path, base: Path, output: Path, format_: str | None, a
     """
     from lora_tools.fold import fold
     from lora_tools.formats import load_adapter
+    from lora_tools.model.resolve import resolve_weights_reference
     from lora_tools.report.merge import render_fold_report
 
+    base = resolve_weights_reference(base)  # a cached Hub id -> its snapshot folder
     report = fold(load_adapter(adapter, format_), base, output, force=force)
     if as_json:
         echo_json(report)
@@ -76,8 +78,10 @@ def extract_command(base: Path, finetuned: Path, output: Path, rank: str | None,
     from lora_tools.errors import InvalidOptionError
     from lora_tools.extract import extract, select
     from lora_tools.formats import save_adapter
+    from lora_tools.model.resolve import resolve_weights_reference
     from lora_tools.report.extract import render_extract_report
 
+    base, finetuned = resolve_weights_reference(base), resolve_weights_reference(finetuned)  # Hub ids: cache
     select(rank, energy)
     if include_other and to_format != "peft":
         raise InvalidOptionError(f"--include-other stores PEFT modules_to_save tensors; {to_format} files have no "

@@ -88,7 +88,7 @@ def cached_snapshot(reference: HubReference, what: str) -> Path:
     try:
         folder = Path(snapshot_download(reference.repo_id, revision=reference.revision, cache_dir=str(cache),
                                         local_files_only=True))
-    except Exception as exc:  # huggingface_hub's not-cached errors differ across versions; all mean "not here"
+    except (OSError, ValueError) as exc:  # LocalEntryNotFoundError (an OSError), or an invalid id / revision
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else ""
         revision = f" at revision {reference.revision}" if reference.revision else ""
         raise BaseModelError(
@@ -159,6 +159,19 @@ def check_base_folder(path: Path) -> None:
     if missing:
         raise BaseModelError(f"{path}: base model folder lacks {' and '.join(missing)} (expected a transformers "
                              "model saved with save_pretrained(safe_serialization=True), or a .gguf model file)")
+
+
+def resolve_weights_reference(path: Path) -> Path:
+    """A base for commands that rewrite safetensors weights (fold, extract): a local path as given, or a cached
+    Hub id's snapshot folder; a ``.gguf`` file is refused (those commands keep the base's safetensors layout)."""
+    if not path.exists():
+        reference = parse_hub_reference(str(path))
+        if reference is not None:
+            path = cached_snapshot(reference, "model")
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        raise BaseModelError(f"{path}: fold and extract read and write safetensors weights; a .gguf model is not "
+                             "supported here (pass the model's safetensors folder)")
+    return path
 
 
 def resolve_base_reference(text: str | Path) -> Path:
