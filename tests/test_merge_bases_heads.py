@@ -127,11 +127,11 @@ def test_single_input_keeps_its_head(tmp_path: Path, two_heads: tuple[Path, Path
     a, _ = two_heads
     result = run_cli("merge", str(a), "-o", str(tmp_path / "m"), "--method", "svd", "--json")
     assert result.exit_code == 0, result.output
+    # Before the fix PEFT loaded a copy of the base's untrained head here.
+    torch.testing.assert_close(peft_score(tmp_path / "m"), score_of(a), rtol=0, atol=0)
     assert json.loads(result.stdout)["heads"]["policy"] == "single input"
     config = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
-    # Before the fix PEFT loaded a copy of the base's untrained head here.
-    torch.testing.assert_close(peft_score(tmp_path / "m"), score_of(a), rtol=0, atol=0)
 
 
 def test_different_heads_need_a_choice(tmp_path: Path, two_heads: tuple[Path, Path]) -> None:
@@ -157,6 +157,8 @@ def test_different_heads_need_a_choice(tmp_path: Path, two_heads: tuple[Path, Pa
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["modules_to_save"] is None and config["task_type"] is None
     assert load_adapter(out).extra_tensors == []
+    # PEFT loads it (a SEQ_CLS config without head tensors makes PEFT 0.21 raise KeyError) and keeps the base's head.
+    torch.testing.assert_close(peft_score(out), seq_cls_model("gpt2").score.weight.detach(), rtol=0, atol=0)
 
 
 def test_identical_heads_need_no_choice(tmp_path: Path) -> None:
@@ -190,3 +192,48 @@ def test_head_in_one_input_only_needs_a_choice(tmp_path: Path) -> None:
     reverse = merge_adapters([b, a], "cat", heads="first")
     assert reverse.adapter.extra_tensors == [] and reverse.adapter.config["modules_to_save"] is None
     assert reverse.report["heads"]["dropped"] == ["base_model.model.score.weight"]
+
+
+# --- threads ---------------------------------------------------------------------------------------------------
+
+
+def test_large_dense_modules_use_the_idle_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ties' out x in SVD runs on ``idle_threads()`` threads for layers of >= PARALLEL_MIN_ENTRIES entries (it
+    was pinned to one), small layers stay on one, and torch's setting is restored afterwards."""
+    import lora_tools.merge.methods as methods
+    import lora_tools.merge.run as run
+    from lora_tools.builder import AdapterBuilder
+
+    seen: dict[int, int] = {}
+    real = methods.truncated_dense
+
+    def spy(merged: torch.Tensor, terms: list, options: methods.MergeOptions) -> methods.MergedFactors:
+        seen[merged.numel()] = torch.get_num_threads()
+        return real(merged, terms, options)
+
+    monkeypatch.setattr(methods, "truncated_dense", spy)
+    monkeypatch.setattr(run, "idle_threads", lambda: 3)
+    side = 512  # 512 x 512 = PARALLEL_MIN_ENTRIES
+    assert side * side == run.PARALLEL_MIN_ENTRIES
+    inputs = []
+    for seed in (1, 2):
+        generator = torch.Generator().manual_seed(seed)
+        builder = AdapterBuilder("peft", Path(f"mem-{seed}"))
+        for name, (out, inp) in {"big": (side, side), "small": (8, 6)}.items():
+            builder.add_module(name, "linear", torch.randn(out, 2, generator=generator, dtype=torch.float64),
+                               torch.randn(2, inp, generator=generator, dtype=torch.float64), scale=1.0, alpha=2.0)
+        inputs.append(builder.build())
+    before = torch.get_num_threads()
+    merge_adapters(inputs, "ties")
+    assert seen == {side * side: 3, 48: 1}
+    assert torch.get_num_threads() == before
+
+
+def test_idle_threads_stay_within_torch_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from lora_tools.merge.run import idle_threads
+
+    assert 1 <= idle_threads() <= torch.get_num_threads()
+    monkeypatch.setattr(os, "getloadavg", lambda: (1000.0, 0.0, 0.0))  # a saturated machine gets one thread
+    assert idle_threads() == 1
