@@ -172,8 +172,9 @@ Training: {f['steps']} steps of {BATCH} x {BLOCK} tokens ({f['train_tokens']:,} 
 the {f['corpus_tokens']:,}-token corpus), AdamW lr {LR} ({WARMUP} warm-up steps, linear decay), seed {SEED}; training
 loss {f['loss_first']:.3f} (first step) -> {f['loss_last']:.3f} (last step).
 
-Rebuilt with `{f['command']}` in {f['minutes']:.1f} min on {f['machine']} (torch {f['torch']}, transformers
-{f['transformers']}, peft {f['peft']}); the whole run, base loading and both perplexity passes included.
+Rebuilt with `{f['command']}` in {f['minutes']:.1f} min wall ({f['cpu_minutes']:.1f} min of CPU time) on
+{f['machine']} (torch {f['torch']}, transformers {f['transformers']}, peft {f['peft']}); the whole run, base
+loading and both perplexity passes included. The machine is shared: wall time depends on what else runs.
 """
     (out / "README.md").write_text(text, encoding="utf-8")
 
@@ -182,7 +183,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DATA_DIR / "example_llm_adapter")
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--heldout-tokens", type=int, default=16384)
+    parser.add_argument("--heldout-tokens", type=int, default=8192)
     parser.add_argument("--rebuild-corpus", action="store_true", help="Regenerate llm_train_corpus.txt first.")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -226,7 +227,7 @@ def main() -> int:
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         line = f"step {step + 1}/{args.steps} loss {losses[-1]:.4f} ({time.perf_counter() - started:.0f} s)"
         if (step + 1) % 10 == 0:
             line += f" probe ppl {perplexity(peft_model, probe, pad_id)[0]:.3f}"
@@ -244,7 +245,7 @@ def main() -> int:
         "train_tokens": args.steps * BATCH * BLOCK, "corpus_tokens": len(blocks) * BLOCK,
         "epochs": args.steps * BATCH / len(blocks), "loss_first": losses[0], "loss_last": losses[-1],
         "command": " ".join(["python scripts/train_llm_example.py", *sys.argv[1:]]).strip(),
-        "minutes": minutes, "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads (shared)",
+        "minutes": minutes, "cpu_minutes": time.process_time() / 60, "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads (shared)",
         "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
     }
     write_readme(args.out, figures)

@@ -1,15 +1,16 @@
 """Load a GGUF model file with transformers (``from_pretrained(folder, gguf_file=...)``), offline, quickly.
 
-transformers parses the GGUF header once for the config, once for the weights and once for the tokenizer, and
-rebuilds gguf's tensor-name table once per submodule (~400 times for a 30-layer model): on a shared 2-core
-machine that was 20-35 s for SmolLM2-135M. While our load runs, ``gguf.GGUFReader`` and
-``gguf.get_tensor_name_map`` are memoised (one parse, one table), which brings the load to a few seconds of
-dequantization; both are restored in a ``finally``, and nothing is written to disk.
+transformers parses the GGUF header once for the config, once for the weights and once for the tokenizer,
+converts the ~100k vocabulary fields to Python values on each metadata read, and rebuilds gguf's tensor-name
+table once per submodule (~400 times for a 30-layer model). While our load runs, ``gguf.GGUFReader``,
+``gguf.get_tensor_name_map`` and transformers' metadata-only ``load_gguf_checkpoint`` are memoised (one parse,
+one table, one conversion); all three are restored in a ``finally``, and nothing is written to disk.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import os
@@ -39,12 +40,30 @@ def _shared_gguf_parse() -> Iterator[None]:
             readers[key] = original_reader(path, mode)
         return readers[key]
 
-    gguf.GGUFReader = reader  # transformers imports both names from ``gguf`` at call time
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original_checkpoint = gguf_utils.load_gguf_checkpoint
+    metadata: dict[str, Any] = {}
+
+    def checkpoint(path: Any, return_tensors: bool = False, **kwargs: Any) -> Any:
+        # Metadata-only reads (config, then tokenizer) turn the same ~100k vocabulary fields into Python
+        # values each time; do it once and hand each caller its own copy, since callers edit the dicts.
+        if return_tensors or kwargs.get("model_to_load") is not None:
+            return original_checkpoint(path, return_tensors=return_tensors, **kwargs)
+        key = os.fspath(path)
+        if key not in metadata:
+            metadata[key] = original_checkpoint(path, return_tensors=False, **kwargs)
+        return copy.deepcopy(metadata[key])
+
+    # transformers imports these names at call time (``from gguf import ...`` / ``from ..modeling_gguf...``)
+    gguf.GGUFReader = reader
     gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original_map)
+    gguf_utils.load_gguf_checkpoint = checkpoint
     try:
         yield
     finally:
         gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_map
+        gguf_utils.load_gguf_checkpoint = original_checkpoint
 
 
 def _quiet_transformers() -> Any:
