@@ -1,20 +1,22 @@
 """PEFT LoRA adapters: ``adapter_config.json`` + ``adapter_model.safetensors`` (or legacy ``adapter_model.bin``).
 
 Scales follow PEFT's own rules (peft/tuners/lora): ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with
-``use_rslora``; per-module ``rank_pattern``/``alpha_pattern`` resolved like PEFT's ``get_pattern_key``: the first
-pattern key, in order, for which ``re.match(rf"(.*\\.)?({key})$", module_name)`` matches.
+``use_rslora``; per-module ``rank_pattern``/``alpha_pattern`` resolved like PEFT >= 0.15's ``get_pattern_key``: the
+first pattern key, in order, for which ``re.match(rf"(.*\\.)?({key})$", module_name)`` matches. Written patterns are
+plain dotted names that every PEFT from 0.10 on resolves alike (formats/peft_patterns.py).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from pathlib import Path
 from typing import Any
 
 from lora_tools.adapter import Adapter, LoraModule
-from lora_tools.errors import AdapterFormatError, UnsupportedAdapterError
+from lora_tools.errors import AdapterFormatError, LoraToolsError, UnsupportedAdapterError
 from lora_tools.formats.common import (
     factor_tensor,
     format_number,
@@ -24,7 +26,10 @@ from lora_tools.formats.common import (
     refuse_non_lora,
     write_safetensors,
 )
+from lora_tools.formats.peft_patterns import choose_patterns, get_pattern_key
 from lora_tools.tensorfile import TensorInfo, TensorSource, open_tensor_file
+
+log = logging.getLogger(__name__)
 
 NAME = "peft"
 CONFIG_NAME = "adapter_config.json"
@@ -62,11 +67,35 @@ def find_files(path: Path) -> tuple[Path | None, Path]:
         for name in WEIGHT_NAMES:
             if (path / name).is_file():
                 return (config if config.is_file() else None), path / name
+        if not config.is_file():
+            raise not_a_peft_adapter(path)
         raise AdapterFormatError(
             f"{path}: folder has {CONFIG_NAME} but no adapter weights ({' or '.join(WEIGHT_NAMES)})"
         )
     config = path.parent / CONFIG_NAME
     return (config if config.is_file() else None), path
+
+
+def not_a_peft_adapter(path: Path, keys: list[str] | None = None) -> AdapterFormatError:
+    """The error for reading as PEFT something with no config and no PEFT names: say what it looks like."""
+    from lora_tools.formats import FORMATS, resolve  # the registry imports this module
+
+    try:
+        if keys is None:  # a folder: the registry picks its weight file and sniffs it
+            target, detected = resolve(path)
+            found = f" ({target.name})" if target != path else ""
+        else:
+            found = ""
+            detected = next(name for name, fmt in FORMATS.items() if name != NAME and fmt.sniff_keys(keys))
+    except (LoraToolsError, StopIteration) as exc:
+        detail = f"; {exc}" if isinstance(exc, LoraToolsError) else ""
+        what = "no PEFT-named tensors (base_model.model.*.lora_A/lora_B)" if keys is not None else \
+            f"no {' or '.join(WEIGHT_NAMES)}"
+        return AdapterFormatError(f"{path}: not a PEFT adapter: no {CONFIG_NAME} and {what}{detail}")
+    return AdapterFormatError(
+        f"{path}: not a PEFT adapter: no {CONFIG_NAME} and no PEFT-named weights; this looks like a {detected} "
+        f"adapter{found}: read it as {detected} (the format is detected when none is given)"
+    )
 
 
 def load_config(config_path: Path) -> dict[str, Any]:
@@ -81,17 +110,6 @@ def load_config(config_path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{config_path}: expected a JSON object, found {type(config).__name__}")
     return config
-
-
-def get_pattern_key(pattern_keys: list[str], module_name: str) -> str | None:
-    """PEFT's rule: the first key (in order) that matches the end of the module name at a dot boundary."""
-    for key in pattern_keys:
-        try:
-            if re.match(rf"(.*\.)?({key})$", module_name):
-                return key
-        except re.error:
-            continue  # PEFT would raise; an unusable pattern simply matches nothing here
-    return None
 
 
 class ScaleRule:
@@ -178,7 +196,8 @@ def parse_lora_keys(path: Path, infos: dict[str, TensorInfo], prefix: str = PREF
 
 
 def build_modules(path: Path, groups: dict[str, dict[str, TensorInfo]], rule: ScaleRule | None,
-                  fan_in_fan_out: bool, warnings: list[str]) -> dict[str, LoraModule]:
+                  fan_in_fan_out: bool | None, warnings: list[str]) -> dict[str, LoraModule]:
+    """LoraModules from grouped keys; ``fan_in_fan_out`` None means no config says (kinds then follow names)."""
     downs = {m: g.get("lora_A") or g.get("lora_embedding_A") for m, g in groups.items()}
     ups = {m: g.get("lora_B") or g.get("lora_embedding_B") for m, g in groups.items()}
     downs = {m: i for m, i in downs.items() if i is not None}
@@ -187,6 +206,7 @@ def build_modules(path: Path, groups: dict[str, dict[str, TensorInfo]], rule: Sc
     if stray:
         raise AdapterFormatError(f"{path}: module {stray[0]} has a bias or DoRA magnitude but no LoRA factors")
     modules: dict[str, LoraModule] = {}
+    corrected: list[str] = []
     for name in sorted(pair_factors(path, downs, ups), key=natural_key):
         group = groups[name]
         a_info, b_info = downs[name], ups[name]
@@ -194,6 +214,8 @@ def build_modules(path: Path, groups: dict[str, dict[str, TensorInfo]], rule: Sc
             kind = "embedding"
         elif len(a_info.shape) > 2:
             kind = "conv"
+        elif fan_in_fan_out is None:
+            kind = "conv1d" if name.rsplit(".", 1)[-1] in _CONV1D_NAMES else "linear"
         else:
             kind = "conv1d" if fan_in_fan_out else "linear"
         if rule is not None:
@@ -206,26 +228,43 @@ def build_modules(path: Path, groups: dict[str, dict[str, TensorInfo]], rule: Sc
                              expected_rank=rank, rank_source=source,
                              bias_key=group["bias"].key if "bias" in group else None,
                              magnitude_key=group["magnitude"].key if "magnitude" in group else None)
-        _check_fan_in_fan_out(module, fan_in_fan_out, warnings)
+        if fan_in_fan_out is not None and _corrects_fan_in_fan_out(module):
+            corrected.append(name)
         if module.magnitude_key:
             module.flags.append("dora")
         modules[name] = module
+    if corrected:
+        warnings.append(_fan_in_fan_out_warning(path, bool(fan_in_fan_out), corrected))
+    elif fan_in_fan_out is None:
+        conv1d = [name for name, module in modules.items() if module.kind == "conv1d"]
+        if conv1d:
+            warnings.append(f"{path}: no config gives fan_in_fan_out; {len(conv1d)} module(s) named like GPT-2 "
+                            f"Conv1D layers (e.g. {conv1d[0]}) taken as Conv1D, as PEFT would")
     return modules
 
 
-def _check_fan_in_fan_out(module: LoraModule, fan_in_fan_out: bool, warnings: list[str]) -> None:
+def _corrects_fan_in_fan_out(module: LoraModule) -> bool:
+    """Set the kind PEFT uses when the config's fan_in_fan_out disagrees with the layer; True when it did."""
     leaf = module.name.rsplit(".", 1)[-1]
     if module.kind == "linear" and leaf in _CONV1D_NAMES:
         # PEFT notices a Conv1D target at load time, warns and applies ΔW transposed anyway.
         module.kind = "conv1d"
-        module.flags.append("fifo_mismatch")
-        warnings.append(f"module {module.name}: config says fan_in_fan_out=false but this looks like a GPT-2 "
-                        "Conv1D layer; PEFT transposes the update for Conv1D regardless")
     elif module.kind == "conv1d" and leaf in _LINEAR_NAMES:
-        module.kind = "linear"
-        module.flags.append("fifo_mismatch")
-        warnings.append(f"module {module.name}: config says fan_in_fan_out=true but this looks like nn.Linear; "
-                        "PEFT ignores fan_in_fan_out for Linear layers")
+        module.kind = "linear"  # PEFT ignores fan_in_fan_out for nn.Linear
+    else:
+        return False
+    module.flags.append("fifo_mismatch")
+    return True
+
+
+def _fan_in_fan_out_warning(path: Path, fan_in_fan_out: bool, corrected: list[str]) -> str:
+    """One line per adapter, however many modules disagree with the config."""
+    count, example = len(corrected), corrected[0]
+    if fan_in_fan_out:
+        return (f"{path}: config says fan_in_fan_out=true but {count} module(s) look like nn.Linear (e.g. "
+                f"{example}); PEFT ignores fan_in_fan_out for Linear layers")
+    return (f"{path}: config says fan_in_fan_out=false but {count} module(s) look like GPT-2 Conv1D layers "
+            f"(e.g. {example}); PEFT transposes the update for Conv1D regardless")
 
 
 def natural_key(name: str) -> list[Any]:
@@ -247,6 +286,8 @@ def read(path: Path) -> Adapter:
                 f"{config_path}: peft_type is {peft_type!r}, not LORA; loratools handles LoRA adapters only"
             )
     source: TensorSource = open_tensor_file(weights_path)
+    if config_path is None and not sniff_keys(list(source.infos())):
+        raise not_a_peft_adapter(path, list(source.infos()))
     groups, extras = parse_lora_keys(weights_path, source.infos())
     if not groups:
         raise AdapterFormatError(f"{weights_path}: no LoRA tensors (lora_A/lora_B) found")
@@ -256,7 +297,7 @@ def read(path: Path) -> Adapter:
         rule = None
         warnings.append(f"{weights_path}: no {CONFIG_NAME} beside the weights; alpha unknown, assuming "
                         "lora_alpha = r (scale 1)")
-    fan_in_fan_out = bool(config.get("fan_in_fan_out") or False)
+    fan_in_fan_out = bool(config.get("fan_in_fan_out") or False) if config_path else None
     modules = build_modules(weights_path, groups, rule, fan_in_fan_out, warnings)
     if any("dora" in m.flags for m in modules.values()):
         warnings.append("DoRA adapter: singular values describe s·B·A only; the magnitude vector rescales "
@@ -272,42 +313,31 @@ def read(path: Path) -> Adapter:
 # --- writing -------------------------------------------------------------------------------------------------
 
 
-def pattern_key(name: str, all_names: list[str]) -> str:
-    """A rank_pattern/alpha_pattern key that PEFT's ``re.match(rf"(.*\\.)?({key})$", module)`` matches for
-    ``name`` only: the escaped full name, anchored with ``^`` when another module's name ends in ``.<name>``."""
-    key = re.escape(name)
-    if any(other != name and other.endswith("." + name) for other in all_names):
-        key = "^" + key
-    return key
-
-
-def _most_common(values: list[Any]) -> Any:
-    counts: dict[Any, int] = {}
-    for value in values:
-        counts[value] = counts.get(value, 0) + 1
-    # Ties go to the larger value so that `r` reads as the adapter's top rank.
-    return max(counts, key=lambda v: (counts[v], v))
-
-
 def config_for(adapter: Adapter, base: dict[str, Any] | None = None) -> dict[str, Any]:
     """A LoraConfig dict whose scale rule gives every module of ``adapter`` exactly its rank and scale.
 
-    ``r``/``lora_alpha`` are the most common rank/alpha; each module that differs gets an exact-name entry in
-    ``rank_pattern``/``alpha_pattern`` (patterns of the input are replaced, not merged: they were regexes over
-    the old ranks). Other fields of ``base`` are kept.
+    ``rank_pattern``/``alpha_pattern`` hold plain dotted names, collapsed where one covers many layers
+    (``down_proj: 2``), checked module by module against the rule of each PEFT from 0.10 on (peft_patterns.py).
+    Patterns of the input are replaced, not merged: they described the old ranks. Other fields of ``base`` are
+    kept.
     """
     config = dict(base or {})
+    if not adapter.modules:
+        return config
     rslora = bool(config.get("use_rslora") or False)
-    names = list(adapter.modules)
-    ranks = {n: m.rank for n, m in adapter.modules.items()}
     # alpha such that the loader's alpha/r (or alpha/sqrt(r)) is the module's scale.
-    alphas = {n: (m.scale * math.sqrt(m.rank) if rslora else m.scale * m.rank) for n, m in adapter.modules.items()}
-    r = _most_common(list(ranks.values()))
-    alpha = _most_common(list(alphas.values()))
-    config["r"] = int(r)
-    config["lora_alpha"] = format_number(alpha)
-    config["rank_pattern"] = {pattern_key(n, names): int(v) for n, v in ranks.items() if v != r}
-    config["alpha_pattern"] = {pattern_key(n, names): format_number(v) for n, v in alphas.items() if v != alpha}
+    targets = {n: (int(m.rank), m.scale * math.sqrt(m.rank) if rslora else m.scale * m.rank)
+               for n, m in adapter.modules.items()}
+    patterns = choose_patterns(targets)
+    if patterns.old_peft_mismatches:
+        log.warning("%s: PEFT older than 0.15 would load %d module(s) with the wrong rank or alpha (%s): their "
+                    "names end one another's at a dot, which no pattern tells apart under the old rule; PEFT "
+                    ">= 0.15 loads them right", adapter.path, len(patterns.old_peft_mismatches),
+                    patterns.old_peft_mismatches[0])
+    config["r"] = patterns.r
+    config["lora_alpha"] = format_number(patterns.lora_alpha)
+    config["rank_pattern"] = dict(patterns.rank_pattern)
+    config["alpha_pattern"] = {key: format_number(value) for key, value in patterns.alpha_pattern.items()}
     return config
 
 
