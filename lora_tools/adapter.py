@@ -8,6 +8,9 @@ Convention, whatever the format: ``B`` is (out, r), ``A`` is (r, in) — conv fa
 update as a linear map is ``delta = scale * B @ A``. ``LoraModule.kind`` says how that map sits in the base weight:
 ``linear`` (weight is (out, in)), ``conv`` (weight (out, in, *kernel)), ``conv1d`` (GPT-2's transposed Conv1D,
 weight (in, out)) and ``embedding`` (weight (num_embeddings, dim), i.e. also transposed).
+
+``LoraModule.update_kind`` says what the file stores: ``lora`` (B and A themselves) or a structured update
+(LyCORIS LoHa/LoKr/LoCon-Tucker/full diff, AdaLoRA) whose exact (B, A) ``lora_tools.updates`` computes.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora_tools.errors import ModuleMismatchError
 from lora_tools.tensorfile import TensorInfo, TensorSource
+
+if TYPE_CHECKING:
+    from lora_tools.updates import Update
 
 LAYER_KINDS = ("linear", "conv", "conv1d", "embedding")
 
@@ -38,6 +44,14 @@ class LoraModule:
     magnitude_key: str | None = None  # DoRA magnitude (PEFT lora_magnitude_vector, kohya dora_scale)
     alpha_key: str | None = None  # kohya/diffusers scalar alpha tensor
     flags: list[str] = field(default_factory=list)
+    # A LyCORIS/AdaLoRA update (lora_tools/updates.py): then a_info/b_info describe its exact LoRA factors under
+    # virtual keys, computed on demand, and ``alpha`` is the LoRA-equivalent scale·rank. None for plain LoRA.
+    update: Update | None = None
+
+    @property
+    def update_kind(self) -> str:
+        """lora, loha, lokr, locon-tucker, adalora or full."""
+        return self.update.kind if self.update is not None else "lora"
 
     @property
     def out_features(self) -> int:
@@ -49,6 +63,8 @@ class LoraModule:
 
     @property
     def dtype(self) -> str:
+        if self.update is not None:
+            return self.update.stored_dtype
         return self.a_info.dtype if self.a_info.dtype == self.b_info.dtype else \
             f"{self.a_info.dtype}/{self.b_info.dtype}"
 
@@ -67,11 +83,15 @@ class LoraModule:
 
     @property
     def num_params(self) -> int:
+        if self.update is not None:
+            return self.update.num_params
         return self.a_info.numel + self.b_info.numel
 
     @property
     def tensor_keys(self) -> list[str]:
         keys = [self.a_info.key, self.b_info.key]
+        if self.update is not None:
+            keys = self.update.tensor_keys + keys  # stored tensors, then the virtual exact factors
         keys += [k for k in (self.bias_key, self.magnitude_key, self.alpha_key) if k]
         return keys
 
@@ -91,6 +111,8 @@ class Adapter:
     base_model: str | None = None
     scale_rule: str = "alpha/r"
     weights_path: Path | None = None
+    # The config as read when ``config`` holds a LoRA translation of it (PEFT LoHa/LoKr/AdaLoRA folders).
+    source_config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def file_size(self) -> int:
@@ -107,6 +129,10 @@ class Adapter:
 
         module = self.modules[name]
         dtype = dtype or torch.float32
+        if module.update is not None:
+            from lora_tools.updates import update_factors
+
+            return update_factors(module, self.source, dtype)
         a = self.source.get(module.a_info.key)
         b = self.source.get(module.b_info.key)
         if not (a.is_floating_point() and b.is_floating_point()):

@@ -16,7 +16,8 @@ from lora_tools import __version__
 from lora_tools.adapter import Adapter, LoraModule
 from lora_tools.errors import InvalidOptionError
 from lora_tools.formats.peft import natural_key
-from lora_tools.linalg import single_threaded, singular_values, spectrum_metrics
+from lora_tools.linalg import single_threaded, spectrum_metrics
+from lora_tools.updates import exact_singular_values
 
 SORT_KEYS = ("name", "norm", "rank")
 
@@ -34,17 +35,23 @@ def select_modules(adapter: Adapter, module_glob: str | None) -> list[LoraModule
 @torch.no_grad()
 def analyze_module(adapter: Adapter, module: LoraModule) -> dict[str, Any]:
     """Exact spectrum and its metrics for one module, from the factors only (float64)."""
-    B, A = adapter.factors(module.name, torch.float64)  # B: (out, r), A: (r, in)
     flags = list(module.flags)
-    finite = bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())
+    if module.update is None:
+        B, A = adapter.factors(module.name, torch.float64)  # B: (out, r), A: (r, in)
+        finite = bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())
+        if finite and not bool(B.any()):
+            flags.append("zero_B")
+        if finite and not bool(A.any()):
+            flags.append("zero_A")
+    else:  # LyCORIS/AdaLoRA (issue 10): checks on the stored tensors, factors only if the spectrum needs them
+        B = A = None
+        finite, zero = module.update.check(adapter.source)
+        if finite and zero:
+            flags.append("zero_update")
     if not finite:
         flags.append("nonfinite")
-    if finite and not bool(B.any()):
-        flags.append("zero_B")
-    if finite and not bool(A.any()):
-        flags.append("zero_A")
     if finite:
-        S = singular_values(B, A, module.scale)
+        S = exact_singular_values(adapter, module, B, A)  # LoKr/full diffs: from their own structure
         values: list[float | None] = [float(s) for s in S]
     else:
         S = torch.full((module.rank,), float("nan"), dtype=torch.float64)
@@ -58,6 +65,8 @@ def analyze_module(adapter: Adapter, module: LoraModule) -> dict[str, Any]:
     return {
         "name": module.name,
         "kind": module.kind,
+        "update": module.update_kind,  # lora, loha, lokr, locon-tucker, adalora, full
+        **({"update_detail": module.update.detail()} if module.update is not None else {}),
         "shape": [module.out_features, module.in_features],
         "weight_shape": list(module.weight_shape),
         "rank": module.rank,
@@ -117,6 +126,7 @@ def inspect_adapter(adapter: Adapter, module_glob: str | None = None, sort: str 
         "scales": _histogram(round(m.scale, 10) for m in adapter.modules.values()),
         "dtypes": _histogram(m.dtype for m in adapter.modules.values()),
         "kinds": _histogram(m.kind for m in adapter.modules.values()),
+        "updates": _histogram(m.update_kind for m in adapter.modules.values()),
         "extra_tensors": [info.as_json() for info in adapter.extra_tensors],
         "metadata": {k: v for k, v in adapter.metadata.items() if len(v) <= 200},
         "warnings": warnings,

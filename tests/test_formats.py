@@ -96,10 +96,13 @@ def test_diffusers_peft_style_with_adapter_metadata(tmp_path: Path) -> None:
     assert adapter.modules["transformer.blocks.0.attn.to_q"].scale == 2.0
 
 
+# LoHa, LoKr, LoCon-Tucker, full diffs and AdaLoRA are read now (tests/test_lycoris.py, tests/test_adalora.py);
+# a lone lora_E outside a PEFT AdaLoRA folder is still refused (its scale lives in the config).
 @pytest.mark.parametrize(("key", "kind"), [
-    ("lora_unet_x.hada_w1_a", "LoHa"), ("lora_unet_x.lokr_w1", "LoKr"), ("lora_unet_x.lora_mid.weight", "Tucker"),
-    ("base_model.model.x.ia3_l", "IA3"), ("base_model.model.x.lora_E", "AdaLoRA"),
-    ("base_model.model.x.oft_r", "OFT"), ("lora_unet_x.diff", "full weight difference"),
+    ("base_model.model.x.ia3_l", "IA3"), ("lora_unet_x.on_input", "IA3"), ("base_model.model.x.lora_E", "AdaLoRA"),
+    ("base_model.model.x.oft_r", "OFT"), ("base_model.model.x.boft_R", "BOFT"),
+    ("base_model.model.x.vera_lambda_b", "VeRA"), ("base_model.model.x.glora_A", "GLoRA"),
+    ("lora_unet_x.a1.weight", "GLoRA"), ("base_model.model.x.unilora_theta_d", "UniLoRA"),
 ])
 def test_non_lora_kinds_are_refused(tmp_path: Path, key: str, kind: str) -> None:
     path = tmp_path / "other.safetensors"

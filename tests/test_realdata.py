@@ -48,9 +48,7 @@ NOT_LORA = {
     "peft-ia3-mt0-large": "IA3",
     "peft-regression/ia3_mlp/0.6.1": "IA3",
     "peft-regression/ia3_conv2d/0.6.1": "IA3",
-    "peft-regression/adalora_mlp/0.6.1": "ADALORA",
-    "lycoris-lokr-smart-falcon/smart_falcon_4_lokr.safetensors": "LoKr",
-    "lycoris-lokr-smart-falcon/smart_falcon_16_lokr.safetensors": "LoKr",
+    # AdaLoRA and LyCORIS LoKr are read now: tests/test_adalora.py, tests/test_lycoris.py
 }
 
 

@@ -11,13 +11,15 @@ from types import ModuleType
 
 from lora_tools.adapter import Adapter
 from lora_tools.errors import AdapterFormatError, InvalidOptionError
-from lora_tools.formats import diffusers, kohya, lora_diffusion, peft
+from lora_tools.formats import diffusers, kohya, lora_diffusion, lycoris, peft, peft_lycoris
 from lora_tools.formats.common import refuse_non_lora
 from lora_tools.tensorfile import open_tensor_file
 
 # Order matters for sniffing: the first format whose sniff_keys accepts the keys wins.
 FORMATS: dict[str, ModuleType] = {"peft": peft, "kohya": kohya, "diffusers": diffusers,
                                    "lora_diffusion": lora_diffusion}
+# Structured updates read as exact LoRA (issue 10); their adapters report the naming they use (kohya, peft).
+FORMATS.update({"lycoris": lycoris, "peft_lycoris": peft_lycoris})
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -42,11 +44,13 @@ def resolve(path: Path) -> tuple[Path, str]:
         raise AdapterFormatError(f"{path}: no such file or directory")
     if path.is_dir():
         if peft.sniff(path):
-            return path, "peft"
+            return path, "peft_lycoris" if peft_lycoris.sniff(path) else "peft"
         path = _weights_in_folder(path)
     if peft.sniff(path):
-        return path, "peft"
+        return path, "peft_lycoris" if peft_lycoris.sniff(path) else "peft"
     keys = list(open_tensor_file(path).infos())
+    if lycoris.sniff_keys(keys):  # LyCORIS tensors (hada_*, lokr_*, lora_mid, .diff, norm diffs)
+        return path, "lycoris"
     refuse_non_lora(path, keys)
     for name, module in FORMATS.items():
         if module.sniff_keys(keys):

@@ -13,27 +13,44 @@ from lora_tools.tensorfile import FLOAT_DTYPES, TensorInfo
 
 # Key fragments of adapter kinds that are not LoRA: refused with a message naming what was found.
 NON_LORA_MARKERS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"(^|[._])hada_w[12]_[ab]"), "LyCORIS LoHa (hada_w*)"),
-    (re.compile(r"(^|[._])lokr_w[12]"), "LyCORIS LoKr (lokr_w*)"),
-    (re.compile(r"(^|[._])lora_mid(\.|$)"), "LyCORIS LoCon with a Tucker core (lora_mid)"),
     (re.compile(r"(^|[._])ia3_l(\.|$)"), "IA3 (ia3_l)"),
-    (re.compile(r"(^|[._])lora_E(\.|$)"), "AdaLoRA (lora_E)"),
+    (re.compile(r"\.on_input$"), "LyCORIS IA3 (on_input)"),
     (re.compile(r"(^|[._])boft_"), "BOFT (boft_*)"),
     (re.compile(r"(^|[._])oft_"), "OFT (oft_*)"),
     (re.compile(r"(^|[._])vera_lambda_"), "VeRA (vera_lambda_*)"),
-    (re.compile(r"(^|[._])(glora_|w_norm$|b_norm$)"), "LyCORIS GLoRA/norm"),
-    (re.compile(r"\.diff(_b)?$"), "LyCORIS full weight difference (.diff)"),
+    (re.compile(r"(^|[._])glora_|\.(a1|a2|b1|b2|bm)\.weight$"), "GLoRA (glora_* / a1, a2, b1, b2)"),
+    (re.compile(r"(^|[._])unilora_"), "UniLoRA (unilora_*)"),
+)
+
+# Structured updates that loratools reads exactly (lora_tools/updates.py), but only through their own readers
+# (formats/lycoris.py, formats/peft_lycoris.py): a LoRA reader meeting them refuses, naming the kind.
+STRUCTURED_MARKERS: tuple[tuple[re.Pattern[str], str, str], ...] = (
+    (re.compile(r"(^|[._])hada_(w[12]_[ab]|t[12])(\.|$)"), "LyCORIS LoHa (hada_w*)", "lycoris"),
+    (re.compile(r"(^|[._])lokr_(w[12]|t[12])"), "LyCORIS LoKr (lokr_w*)", "lycoris"),
+    (re.compile(r"(^|[._])lora_mid(\.|$)"), "LyCORIS LoCon with a Tucker core (lora_mid)", "lycoris"),
+    (re.compile(r"\.diff$"), "LyCORIS full weight difference (.diff)", "lycoris"),
+    (re.compile(r"(^|[._])lora_E(\.|$)"), "AdaLoRA (lora_E)", "adalora"),
 )
 
 
-def refuse_non_lora(path: Path, keys: Iterable[str]) -> None:
-    """Raise if any key belongs to a non-LoRA adapter kind."""
+def refuse_non_lora(path: Path, keys: Iterable[str], *, allow: Iterable[str] = ()) -> None:
+    """Raise if any key belongs to an adapter kind that loratools does not read (IA3, OFT, VeRA, ...), or to a
+    structured kind whose reader is not the caller (``allow``: "lycoris", "adalora")."""
+    allowed = frozenset(allow)
     for key in keys:
         for pattern, kind in NON_LORA_MARKERS:
             if pattern.search(key):
                 raise UnsupportedAdapterError(
-                    f"{path}: this is a {kind} adapter (tensor {key!r}), not LoRA; loratools handles "
-                    "LoRA adapters (B·A factors) only"
+                    f"{path}: this is a {kind} adapter (tensor {key!r}), not LoRA; loratools reads LoRA, "
+                    "LyCORIS LoHa/LoKr/LoCon/full and AdaLoRA adapters"
+                )
+        for pattern, kind, reader in STRUCTURED_MARKERS:
+            if reader not in allowed and pattern.search(key):
+                where = ("a PEFT folder with its adapter_config.json (peft_type ADALORA)" if reader == "adalora"
+                         else "the file without --format (LyCORIS files are detected)")
+                raise UnsupportedAdapterError(
+                    f"{path}: this is a {kind} adapter (tensor {key!r}), not plain LoRA; this reader reads LoRA "
+                    f"factors only: read {where}"
                 )
 
 

@@ -34,6 +34,9 @@ def render_summary(report: dict[str, Any]) -> str:
         ("parameters", f"{report['total_params']:,}"),
         ("file size", f"{report['file_size']:,} bytes"),
     ]
+    updates = report.get("updates") or {}
+    if set(updates) - {"lora"}:  # LyCORIS/AdaLoRA: say what the file stores (issue 10)
+        lines.insert(4, ("updates", _histogram_text(updates) + " (ranks: of the exact LoRA factors)"))
     if report["rank_pattern"]:
         lines.append(("rank_pattern", str(report["rank_pattern"])))
     if report["alpha_pattern"]:
@@ -51,9 +54,15 @@ INSPECT_COLUMNS = ("module", "shape", "rank", "alpha", "scale", "‖ΔW‖F", "�
                    "r90", "r99", "num. rank", "flags")
 
 
+def _rank_cell(row: dict[str, Any]) -> str:
+    """The rank, with the kind of update when the file stores something other than B and A (issue 10)."""
+    update = row.get("update", "lora")
+    return str(row["rank"]) if update == "lora" else f"{row['rank']} ({update})"
+
+
 def render_inspect_table(rows: list[dict[str, Any]]) -> str:
     table = [
-        (r["name"], "x".join(map(str, r["shape"])), r["rank"], format_number(r["alpha"]), format_number(r["scale"]),
+        (r["name"], "x".join(map(str, r["shape"])), _rank_cell(r), format_number(r["alpha"]), format_number(r["scale"]),
          format_number(r["fro_norm"]), format_number(r["sigma_max"]), format_number(r["stable_rank"], 3), format_number(r["effective_rank"], 3),
          r["rank_90"], r["rank_99"], r["numerical_rank"], ",".join(r["flags"]) or "-")
         for r in rows
