@@ -7,14 +7,17 @@ layers (min(out, in) <= ``EXACT_LIMIT``) and energy selection use the exact dens
 rank use a randomized range finder (Halko et al. 2011; ``torch.svd_lowrank`` with oversampling and power
 iterations), whose retained energy ‖U_RᵀD‖² / ‖D‖² is still measured exactly and reported, and which falls back to
 the exact SVD when it keeps visibly less than it should (accuracy check against a second, larger sketch).
+
+Every other tensor that differs (norms, biases, embeddings, tied copies, tensors in one model only) is listed with
+its relative change; ``include_other`` stores what PEFT can carry (see ``lora_tools.extract_other``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +39,10 @@ logger = logging.getLogger(__name__)
 EXACT_LIMIT = 2048
 OVERSAMPLE = 10
 POWER_ITERATIONS = 4
-# Differences with fewer elements than this are factored on one thread: below it OpenMP's fork/join and a busy
-# machine's scheduling cost more than a second thread gains (measured with benchmarks in the module's report);
-# above it the SVD uses the threads torch was given (by default one per core).
-THREADED_MIN_ELEMENTS = 1 << 18
+# Differences with fewer elements than this are factored on one thread: OpenMP's fork/join costs more than a second
+# thread gains (measured on a 2-core machine: 128x128 float64 SVD 2.2 ms on 1 thread, 10.9 ms on 2; from 256x256 on,
+# up to 1.9x faster on 2 when the cores are free). Above it, see ``svd_threads``.
+THREADED_MIN_ELEMENTS = 256 * 256
 
 
 def select(rank: Any, energy: Any) -> RankRule:
@@ -56,10 +59,41 @@ def select(rank: Any, energy: Any) -> RankRule:
 @torch.no_grad()
 def truncated_svd(D: torch.Tensor, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, str]:
     """(U_k, S_k, Vh_k, retained energy, method) of the (out, in) difference ``D``."""
-    with contextlib.ExitStack() as stack:
-        if D.numel() < THREADED_MIN_ELEMENTS:
-            stack.enter_context(single_threaded())
+    threads = svd_threads(D.numel())
+    if threads == 1:
+        with single_threaded():
+            return _truncated_svd(D, rule)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
         return _truncated_svd(D, rule)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def svd_threads(numel: int) -> int:
+    """Threads for the SVD of a ``numel``-element difference: one below ``THREADED_MIN_ELEMENTS``; above, torch's
+    threads (by default one per core) capped by the cores other work leaves idle. A thread that waits for a busy core
+    holds up the others at every OpenMP barrier: on 2 cores at load 10, GPT-2's 48 SVDs took 164 s on 2 threads
+    and 146 s on 1."""
+    threads = torch.get_num_threads()
+    if numel < THREADED_MIN_ELEMENTS or threads <= 1:
+        return 1
+    return max(1, min(threads, idle_cores()))
+
+
+def idle_cores() -> int:
+    """Usable cores minus the 1-minute load average, plus the one this process runs on; all usable cores where the
+    platform keeps no load average."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows
+        return cores
+    return round(cores - load + 1)
 
 
 def _truncated_svd(D: torch.Tensor, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, str]:
