@@ -13,6 +13,7 @@ from lora_tools.cli._common import (
     json_option,
     progress_bar,
     quiet_option,
+    resolve_output,
 )
 
 METHOD_HELP = """Methods (--method):
@@ -84,6 +85,7 @@ def merge_command(adapters: tuple[Path, ...], output: Path, method: str, weights
                      dtype=dtype, heads=heads)
     loaded = [load_adapter(path) for path in adapters]
     inputs = tuple(p for a, path in zip(loaded, adapters, strict=True) for p in (path, a.weights_path) if p)
+    output = resolve_output(output, to_format or loaded[0].format)
     check_not_input(output, inputs)
     check_output(output, force, inputs)
     total = len({name for a in loaded for name in a.modules})
