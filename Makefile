@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-compat lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check lora_tools tests benchmarks scripts
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# What loratools writes loads in older PEFT too: `make test` checks the oldest we support (0.10); this checks one
+# version per rank_pattern rule (0.10-0.13 one combined search, 0.14 separate searches, the installed >= 0.15).
+# Each is pip-installed once, without dependencies, into $$TMPDIR/loratools-test-cache (needs the package index).
+COMPAT_PEFT ?= 0.10.0 0.13.2 0.14.0
+test-compat: $(STAMP)
+	LORATOOLS_COMPAT_PEFT="$(COMPAT_PEFT)" $(PY) -m pytest -q -p no:cacheprovider tests/test_peft_patterns.py -k loads_what
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_inspect.py --write-report
