@@ -20,11 +20,11 @@ Encoders (``metric="cosine"``), per sequence: embeddings mean-pooled over the at
 adapter's and the variant's pooled embedding (mean and worst), and 1 − cos in place of KL (mean, p99, effect kept).
 
 Memory (the vocabulary is the problem: SmolLM2 has 49,152 tokens): nothing of size positions x vocab outlives a
-batch. The loop is batch-outer, variant-inner: per batch the base and reference logits are computed once, the
-reference's are kept (float32, real positions only) while each variant runs, and every comparison is done in
-float64 over row chunks of at most ``chunk_elements`` entries. Per position only scalars are kept (KL, NLL,
-top-1 hit), on the CPU in float64, so the p99 is exact. Peak extra memory ≈ 2 x batch positions x vocab x 4 bytes
-(reference + one variant's logits) + 4 x chunk_elements x 8 bytes.
+batch, and no reference is stored across batches. The loop is batch-outer, variant-inner: per batch the reference
+and the base run once, the reference's logits are kept (as the model returned them) while each variant runs, and
+every comparison is float64 over row chunks of ``chunk_elements`` entries in reused buffers. Per position only
+scalars are kept (KL, NLL, top-1 hit; CPU, float64), so the p99 is exact. Extra memory ≈ 2 x batch x seq x vocab
+x (model dtype bytes) + 3 x 8 + 1 x (dtype bytes) x chunk_elements (4M: 112 MB in float32).
 """
 
 from __future__ import annotations
@@ -175,24 +175,81 @@ class _Tally:
         return math.exp(float(torch.cat(self.nll).mean()))
 
 
-def _log_softmax64(z: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(z.to(torch.float64), dim=-1)
+class _LogitComparator:
+    """Float64 KL / NLL / top-1 of one batch's logits against the reference's, chunk by chunk.
 
+    The logits stay as the model returned them, (batch, seq, V) in its dtype; the real positions are picked per
+    chunk with ``index_select`` into reused buffers: three (rows, V) float64 and one (rows, V) in the model's
+    dtype, allocated once per run. Reusing them matters beyond speed: freshly allocated temporaries of varying
+    sizes just under glibc's 32 MB mmap threshold fragmented the heap (RSS grew by ~100 MB per batch at a 49k
+    vocabulary, 7.7 GB over one run); with fixed buffers it stays flat.
+    """
 
-def _compare_logits(ref: torch.Tensor, ref_top1: torch.Tensor, other: torch.Tensor, targets: torch.Tensor,
-                    chunk: int, tally: _Tally) -> None:
-    """Add KL(P_ref ‖ P_other), NLL of ``targets`` under ``other`` and top-1 hits for positions (N, V)."""
-    kls, nlls = [], []
-    for start in range(0, ref.shape[0], chunk):
-        log_ref = _log_softmax64(ref[start:start + chunk])  # (n, V) float64
-        log_other = _log_softmax64(other[start:start + chunk])
-        kl = (log_ref.exp() * (log_ref - log_other)).sum(dim=-1).clamp_min(0.0)  # rounding can dip below 0
-        kls.append(kl.cpu())
-        nlls.append(-log_other.gather(1, targets[start:start + chunk, None])[:, 0].cpu())
-    tally.divergence.append(torch.cat(kls))
-    tally.nll.append(torch.cat(nlls))
-    tally.top1 += int((other.argmax(dim=-1) == ref_top1).sum())
-    tally.count += int(ref.shape[0])
+    def __init__(self, chunk_elements: int) -> None:
+        self.chunk_elements = chunk_elements
+        self.buffers: tuple[torch.Tensor, ...] | None = None
+
+    def _workspace(self, vocab: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+        rows = max(1, self.chunk_elements // vocab)
+        b = self.buffers
+        if b is None or b[0].shape[1] != vocab or b[3].dtype != dtype or b[0].device != device:
+            f64 = {"dtype": torch.float64, "device": device}
+            self.buffers = (torch.empty(rows, vocab, **f64), torch.empty(rows, vocab, **f64),
+                            torch.empty(rows, vocab, **f64), torch.empty(rows, vocab, dtype=dtype, device=device))
+        return self.buffers
+
+    def _rows(self, logits: torch.Tensor, index: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` of the flattened logits, copied into the float64 buffer ``into`` (n, V)."""
+        staging = self.buffers[3][:index.numel()]
+        torch.index_select(logits.reshape(-1, logits.shape[-1]), 0, index, out=staging)
+        return into.copy_(staging)
+
+    @staticmethod
+    def _logsumexp(raw: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+        top = raw.amax(dim=1, keepdim=True)  # (n, 1)
+        torch.sub(raw, top, out=scratch).exp_()
+        return scratch.sum(dim=1, keepdim=True).log_().add_(top)  # (n, 1)
+
+    def set_reference(self, logits: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
+                      tally: _Tally) -> None:
+        """Keep the reference logits (batch, seq, V) and, per real position, its log-normaliser and argmax;
+        its own NLL goes to ``tally`` (its KL to itself is 0 by definition)."""
+        self.logits, self.positions, self.targets = logits, positions, targets
+        raw, _, scratch, _ = self._workspace(logits.shape[-1], logits.dtype, logits.device)
+        self.chunk = raw.shape[0]
+        lse, top1, nll = [], [], []
+        for start in range(0, positions.numel(), self.chunk):
+            index = positions[start:start + self.chunk]
+            n = index.numel()
+            rows = self._rows(logits, index, raw[:n])
+            top1.append(rows.argmax(dim=1))
+            lse.append(self._logsumexp(rows, scratch[:n]))
+            nll.append((lse[-1][:, 0] - rows.gather(1, targets[start:start + n, None])[:, 0]).cpu())
+        self.lse = torch.cat(lse)  # (N, 1) float64
+        self.top1 = torch.cat(top1)  # (N,)
+        tally.nll.append(torch.cat(nll))
+        tally.count += positions.numel()
+
+    def compare(self, logits: torch.Tensor, tally: _Tally) -> None:
+        """Add KL(P_ref ‖ P_other) = Σ p_ref (log p_ref − log p_other), NLL and top-1 hits of ``logits``."""
+        log_other, log_ref, scratch, _ = self._workspace(logits.shape[-1], logits.dtype, logits.device)
+        kls, nlls, hits = [], [], 0
+        for start in range(0, self.positions.numel(), self.chunk):
+            index = self.positions[start:start + self.chunk]
+            n = index.numel()
+            other = self._rows(logits, index, log_other[:n])
+            hits += int((other.argmax(dim=1) == self.top1[start:start + n]).sum())
+            lse = self._logsumexp(other, scratch[:n])
+            nlls.append((lse[:, 0] - other.gather(1, self.targets[start:start + n, None])[:, 0]).cpu())
+            other.sub_(lse)  # log p_other
+            ref = self._rows(self.logits, index, log_ref[:n]).sub_(self.lse[start:start + n])  # log p_ref
+            p_ref = torch.exp(ref, out=scratch[:n])
+            kl = p_ref.mul_(ref.sub_(other)).sum(dim=1).clamp_min_(0.0)  # rounding can dip just below 0
+            kls.append(kl.cpu())
+        tally.divergence.append(torch.cat(kls))
+        tally.nll.append(torch.cat(nlls))
+        tally.top1 += hits
+        tally.count += self.positions.numel()
 
 
 def _pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -251,6 +308,7 @@ def evaluate_variants(model: torch.nn.Module, modules: Mapping[str, torch.nn.Mod
     prepared = [prepare_factors(v, modules, device) for v in variants]
     base_tally, adapter_tally = _Tally(), _Tally()
     tallies = [_Tally() for _ in variants]
+    comparator = _LogitComparator(chunk_elements)
     was_training = model.training
     model.eval()
     try:
@@ -262,7 +320,7 @@ def evaluate_variants(model: torch.nn.Module, modules: Mapping[str, torch.nn.Mod
                     return _forward(model, _ids, _mask, metric)
 
                 if metric == "kl":
-                    _kl_batch(forward, ids, mask, reference_factors, prepared, chunk_elements, base_tally,
+                    _kl_batch(forward, ids, mask, comparator, reference_factors, prepared, base_tally,
                               adapter_tally, tallies)
                 else:
                     ref = _pooled(forward(reference_factors), mask)
@@ -293,25 +351,19 @@ def _forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, metr
 
 
 def _kl_batch(forward: Callable[[FactorSet | None], torch.Tensor], ids: torch.Tensor, mask: torch.Tensor,
-              reference: FactorSet, prepared: list[FactorSet], chunk_elements: int, base_tally: _Tally,
+              comparator: _LogitComparator, reference: FactorSet, prepared: list[FactorSet], base_tally: _Tally,
               adapter_tally: _Tally, tallies: list[_Tally]) -> None:
-    """One batch: the reference logits are kept (real positions only) while base and variants are compared."""
-    pairs = mask[:, :-1].bool() & mask[:, 1:].bool()  # (batch, seq-1): position t predicts real token t+1
-    targets = ids[:, 1:][pairs]  # (N,)
-    if targets.numel() == 0:
+    """One batch: the reference logits are kept while the base and every variant are compared with them."""
+    pairs = torch.zeros_like(mask, dtype=torch.bool)
+    pairs[:, :-1] = mask[:, :-1].bool() & mask[:, 1:].bool()  # position t predicts the real token t+1
+    positions = torch.nonzero(pairs.flatten())[:, 0]  # (N,) indices into the flattened (batch x seq)
+    if positions.numel() == 0:
         return
-    ref = forward(reference)[:, :-1][pairs].float()  # (N, V)
-    chunk = max(1, chunk_elements // ref.shape[1])
-    ref_top1 = ref.argmax(dim=-1)
-    # The adapter's own perplexity: its NLL, through the same routine (KL of the reference with itself is 0).
-    _compare_logits(ref, ref_top1, ref, targets, chunk, adapter_tally)
-    base = forward(None)[:, :-1][pairs].float()
-    _compare_logits(ref, ref_top1, base, targets, chunk, base_tally)
-    del base
+    targets = ids[:, 1:][pairs[:, :-1]]  # (N,), in the same row-major order
+    comparator.set_reference(forward(reference), positions, targets, adapter_tally)
+    comparator.compare(forward(None), base_tally)
     for factors, tally in zip(prepared, tallies, strict=True):
-        other = forward(factors)[:, :-1][pairs].float()
-        _compare_logits(ref, ref_top1, other, targets, chunk, tally)
-        del other
+        comparator.compare(forward(factors), tally)
 
 
 def _section(metric: str, base: _Tally, adapter: _Tally, variants: Sequence[Variant], tallies: list[_Tally],
