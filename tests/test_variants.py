@@ -160,6 +160,10 @@ def test_activation_aware_variant_and_output_space_predictions(adapter) -> None:
         quant = variants["int8-channel"].predicted[name]
         assert quant.output_sq is not None and quant.output_sq > 0
     assert act.predicted_rel_error("output") <= svd.predicted_rel_error("output")
+    per_module = act.module_rel_errors("output")
+    name = "layers.0.q_proj"
+    assert per_module[name] == pytest.approx((act.predicted[name].output_sq / act.reference[name].output_sq) ** 0.5)
+    assert set(svd.module_rel_errors()) == set(SHAPES)
 
 
 def test_svd_act_falls_back_to_svd_without_a_covariance(adapter) -> None:  # noqa: ANN001

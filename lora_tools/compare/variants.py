@@ -100,6 +100,18 @@ class Variant:
         total = sum(totals)
         return math.sqrt(max(sum(errors), 0.0) / total) if total > 0 else math.nan
 
+    def module_rel_errors(self, space: str = "weight") -> dict[str, float | None]:
+        """Per module: sqrt(predicted error² / reference energy), to set beside compare-quant's measured per-layer
+        errors (None without a prediction in that space, NaN for an all-zero module)."""
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}")
+        result: dict[str, float | None] = {}
+        for name, predicted in self.predicted.items():
+            error, total = getattr(predicted, f"{space}_sq"), getattr(self.reference[name], f"{space}_sq")
+            result[name] = None if error is None or total is None else \
+                (math.sqrt(max(error, 0.0) / total) if total > 0 else math.nan)
+        return result
+
     def summary(self) -> dict[str, object]:
         """The plain-data fields a report row starts from (the pinned ``end_to_end.variants`` keys it can fill)."""
         return {"label": self.label, "method": self.method, "rank": self.rank, "scheme": self.scheme,
