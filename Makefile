@@ -28,7 +28,7 @@ test: $(STAMP)
 
 # What loratools writes loads in older PEFT too: `make test` checks the oldest we support (0.10); this checks one
 # version per rank_pattern rule (0.10-0.13 one combined search, 0.14 separate searches, the installed >= 0.15).
-# Each is pip-installed once, without dependencies, into $$TMPDIR/loratools-test-cache (needs the package index).
+# Each is pip-installed once, without dependencies, into <tmp>/loratools-test-cache (needs the package index).
 COMPAT_PEFT ?= 0.10.0 0.13.2 0.14.0
 test-compat: $(STAMP)
 	LORATOOLS_COMPAT_PEFT="$(COMPAT_PEFT)" $(PY) -m pytest -q -p no:cacheprovider tests/test_peft_patterns.py -k loads_what

@@ -167,6 +167,15 @@ def test_names_that_end_one_another(values: dict[str, tuple[int, float]]) -> Non
     assert_every_rule_agrees(written_config(values), values)
 
 
+def test_a_dot_that_would_match_another_character_is_escaped() -> None:
+    """Keys are regexes: plain ``q.proj`` would also match ``m.q_proj``."""
+    values = {"m.q.proj": (2, 2), "m.k.proj": (4, 4), "m.q_proj": (4, 4)}
+    config = written_config(values)
+    assert config["rank_pattern"] == {r"q\.proj": 2}, config
+    for label, rule in {**OLD_RULES, **NEW_RULES}.items():
+        assert not wrong_under(rule, config, values), (label, config)
+
+
 def test_no_pattern_for_old_peft_is_said_not_written_silently(caplog: pytest.LogCaptureFixture) -> None:
     """Three names nested at dot boundaries with three ranks: no key set works for PEFT < 0.15."""
     values = {"proj": (2, 2), "block.proj": (4, 4), "outer.block.proj": (6, 6), "other": (4, 4), "more": (4, 4)}
@@ -270,6 +279,13 @@ def test_format_peft_on_a_folder_without_config_names_the_real_problem(tmp_path:
     # The file itself: its names, not "another scheme".
     result = run_cli("inspect", "--format", "peft", str(folder / "pytorch_lora_weights.safetensors"))
     assert_one_line_error(result, "no adapter_config.json", "looks like a diffusers adapter")
+    # PEFT names in a file not called adapter_model.*: weights without a config.
+    from safetensors.torch import save_file
+
+    (tmp_path / "bare").mkdir()
+    save_file(gpt2_tensors(), str(tmp_path / "bare" / "weights.safetensors"))
+    assert_one_line_error(run_cli("inspect", "--format", "peft", str(tmp_path / "bare")),
+                          "no adapter_config.json", "PEFT-named weights without a config", "weights.safetensors")
     # Nothing recognisable: still the missing config first.
     (tmp_path / "empty").mkdir()
     assert_one_line_error(run_cli("inspect", "--format", "peft", str(tmp_path / "empty")),

@@ -88,10 +88,13 @@ def not_a_peft_adapter(path: Path, keys: list[str] | None = None) -> AdapterForm
             found = ""
             detected = next(name for name, fmt in FORMATS.items() if name != NAME and fmt.sniff_keys(keys))
     except (LoraToolsError, StopIteration) as exc:
-        detail = f"; {exc}" if isinstance(exc, LoraToolsError) else ""
+        detail = f"; {str(exc).removeprefix(f'{path}: ')}" if isinstance(exc, LoraToolsError) else ""
         what = "no PEFT-named tensors (base_model.model.*.lora_A/lora_B)" if keys is not None else \
             f"no {' or '.join(WEIGHT_NAMES)}"
         return AdapterFormatError(f"{path}: not a PEFT adapter: no {CONFIG_NAME} and {what}{detail}")
+    if detected == NAME:
+        return AdapterFormatError(f"{path}: no {CONFIG_NAME}, only PEFT-named weights without a config{found}: "
+                                  "pass that file to read it with its scales unknown (1 assumed)")
     return AdapterFormatError(
         f"{path}: not a PEFT adapter: no {CONFIG_NAME} and no PEFT-named weights; this looks like a {detected} "
         f"adapter{found}: read it as {detected} (the format is detected when none is given)"

@@ -2,7 +2,7 @@
 
 PEFT gives a module ``rank_pattern.get(key, r)`` and ``alpha_pattern.get(key, lora_alpha)``, where ``key`` is the
 first pattern key, in order, that matches the module's name, or the name itself when none does. The match rule
-changed over time (facts read from PEFT's source, tags v0.10.0 to v0.21):
+changed over time (facts read from PEFT's source, v0.10.0 to v0.21.2):
 
 - 0.10-0.13 (``LoraModel._create_and_replace``): one search over the rank keys followed by the alpha keys with
   ``re.match(rf".*\\.{key}$", name)``; the key found is then looked up in *both* dicts.
@@ -258,7 +258,10 @@ def _plan(targets: Mapping[str, Value], strict: bool, escape: bool) -> Patterns 
         planner.keys(chain, default, False, chosen)
     # Deepest first: a longer suffix must be tried before the shorter one that also matches it.
     chosen.sort(key=lambda item: (-item[0].key.count("."), item[0].key))
-    keyed = [(re.escape(chain.key) if escape else chain.key, value) for chain, value in chosen]
+    # Escaping stops a key's dots matching other characters; a full-name key stays plain under the old rule,
+    # where only PEFT's lookup of the name itself (an exact dict key) can find it.
+    keyed = [(re.escape(chain.key) if escape and not (strict and chain.full_name_only) else chain.key, value)
+             for chain, value in chosen]
     return Patterns(r=default[0], lora_alpha=default[1], rank_pattern={k: v[0] for k, v in keyed},
                     alpha_pattern={k: v[1] for k, v in keyed})
 
@@ -289,8 +292,8 @@ def choose_patterns(targets: Mapping[str, Value]) -> Patterns:
     """``r``, ``lora_alpha`` and pattern dicts giving each module its (rank, alpha) under every PEFT rule.
 
     Plain dotted names first; regex-escaped ones if a plain name's dots (regex wildcards) would match another
-    module. When no set of keys works for PEFT < 0.15 (module names nested inside one another at a dot boundary
-    with different values, e.g. ``attn.c_attn`` and ``h.attn.c_attn``), the keys are right for PEFT >= 0.15 and
+    module. When no set of keys works for PEFT < 0.15 (names ending one another at dots, each with its own
+    value, e.g. ``a``, ``x.a`` and ``y.x.a`` with three ranks), the keys are right for PEFT >= 0.15 and
     ``old_peft_mismatches`` says which modules older versions would get wrong.
     """
     if not targets:
