@@ -42,6 +42,23 @@ def _seed_files() -> dict[str, bytes]:
                      "unet.b.to_q.lora.up.weight": torch.randn(5, 2, generator=gen)}
         save_file(diffusers, str(tmp / "diffusers.safetensors"))
         torch.save(peft, tmp / "peft.bin")
+        # LyCORIS keys (issue 10): LoHa with Tucker cores, LoKr full + factored, LoCon-Tucker, full diffs, norms
+        lycoris = {"lora_unet_c.hada_w1_a": torch.randn(2, 5, generator=gen),
+                   "lora_unet_c.hada_w1_b": torch.randn(2, 3, generator=gen),
+                   "lora_unet_c.hada_w2_a": torch.randn(2, 5, generator=gen),
+                   "lora_unet_c.hada_w2_b": torch.randn(2, 3, generator=gen),
+                   "lora_unet_c.hada_t1": torch.randn(2, 2, 3, 3, generator=gen),
+                   "lora_unet_c.hada_t2": torch.randn(2, 2, 3, 3, generator=gen), "lora_unet_c.alpha": torch.tensor(1.0),
+                   "lora_unet_k.lokr_w1": torch.randn(2, 3, generator=gen),
+                   "lora_unet_k.lokr_w2_a": torch.randn(4, 1, generator=gen),
+                   "lora_unet_k.lokr_w2_b": torch.randn(1, 2, generator=gen).half(),
+                   "lora_unet_k.alpha": torch.tensor(2.0), "lora_unet_k.dora_scale": torch.randn(8, 1, generator=gen),
+                   "lora_unet_m.lora_down.weight": torch.randn(2, 3, 1, 1, generator=gen),
+                   "lora_unet_m.lora_mid.weight": torch.randn(2, 2, 3, 3, generator=gen),
+                   "lora_unet_m.lora_up.weight": torch.randn(4, 2, 1, 1, generator=gen),
+                   "lora_unet_f.diff": torch.randn(3, 4, generator=gen), "lora_unet_f.diff_b": torch.randn(3),
+                   "lora_unet_n.w_norm": torch.randn(4, generator=gen)}
+        save_file(lycoris, str(tmp / "lycoris.safetensors"))
         return {p.name: p.read_bytes() for p in tmp.iterdir()}
     finally:
         shutil.rmtree(tmp)
@@ -97,4 +114,33 @@ def test_mutated_peft_configs(changes: dict, raw_cut: int | None) -> None:
         folder = Path(tmp)
         (folder / "adapter_config.json").write_text(text)
         (folder / "adapter_model.safetensors").write_bytes(SEEDS["peft.safetensors"])
+        read_and_inspect(folder)
+
+
+LYCORIS_CONFIGS = {
+    "LOHA": ({"peft_type": "LOHA", "r": 2, "alpha": 4, "rank_pattern": {}, "alpha_pattern": {"q": 2},
+              "target_modules": ["q"]},
+             {"base_model.model.q.hada_w1_a": (5, 2), "base_model.model.q.hada_w1_b": (2, 6),
+              "base_model.model.q.hada_w2_a": (5, 2), "base_model.model.q.hada_w2_b": (2, 6)}),
+    "ADALORA": ({"peft_type": "ADALORA", "init_r": 3, "lora_alpha": 8, "target_modules": ["q"],
+                 "rank_pattern": None},
+                {"base_model.model.q.lora_A": (3, 6), "base_model.model.q.lora_B": (5, 3),
+                 "base_model.model.q.lora_E": (3, 1)}),
+}
+
+
+@FUZZ
+@given(kind=st.sampled_from(sorted(LYCORIS_CONFIGS)),
+       changes=st.dictionaries(st.sampled_from(["r", "alpha", "init_r", "lora_alpha", "peft_type", "rank_pattern",
+                                                "alpha_pattern", "fan_in_fan_out"]), json_values, max_size=3),
+       shapes=st.dictionaries(st.integers(0, 3), st.tuples(st.integers(0, 7), st.integers(1, 7)), max_size=2))
+def test_mutated_peft_lycoris_folders(kind: str, changes: dict, shapes: dict) -> None:
+    """PEFT LoHa/AdaLoRA folders (issue 10) with mutated configs and tensor shapes read or raise LoraToolsError."""
+    config, tensors = LYCORIS_CONFIGS[kind]
+    keys = sorted(tensors)
+    shaped = {k: shapes.get(i, tensors[k]) for i, k in enumerate(keys)}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "adapter_config.json").write_text(json.dumps(dict(config, **changes)))
+        save_file({k: torch.randn(*shape) for k, shape in shaped.items()}, str(folder / "adapter_model.safetensors"))
         read_and_inspect(folder)
