@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -324,7 +325,6 @@ def build_base(kind: str, config: dict[str, Any]) -> Any:
 
 def peft_view(specs: list[dict[str, Any]]) -> dict[str, Any]:
     """Load each adapter folder with PeftModel onto its base; per module: r, scaling, ‖ΔW‖_F as PEFT has them."""
-    import shutil
     import warnings
 
     import peft
@@ -436,6 +436,7 @@ def old_peft(version: str) -> Path:
     except subprocess.TimeoutExpired:
         done = None
     if done is None or done.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
         pytest.skip(f"cannot pip-install peft=={version} (no package index?): "
                     f"{done.stderr.strip().splitlines()[-1:] if done else 'timed out'}")
     try:
