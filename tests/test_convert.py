@@ -236,8 +236,12 @@ def test_existing_output_needs_force_and_gpt2_conv1d_cannot_be_kohya(tmp_path: P
     assert_one_line_error(run_cli("convert", str(source), "-o", str(out), "--to", "kohya"), "conv1d", "--to peft")
     assert not out.exists()
     out.write_text("keep")
-    assert_one_line_error(run_cli("convert", str(source), "-o", str(out), "--to", "peft"), "already exists")
+    assert_one_line_error(run_cli("convert", str(source), "-o", str(out), "--to", "kohya"), "already exists")
     assert out.read_text() == "keep"
+    folder = tmp_path / "out_peft"
+    folder.mkdir()
+    assert_one_line_error(run_cli("convert", str(source), "-o", str(folder), "--to", "peft"), "already exists")
+    assert list(folder.iterdir()) == []
 
 
 def test_verification_catches_a_changed_scale(tmp_path: Path) -> None:
