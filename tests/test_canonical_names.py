@@ -258,3 +258,28 @@ def test_real_old_file_truncated_and_merged_to_kohya_reads_back(tmp_path: Path) 
             assert name.startswith("unet.")
             for role in ("down", "up"):
                 assert torch.equal(diffusers[f"{name}.lora.{role}.weight"], kohya[f"{flat}.lora_{role}.weight"])
+
+
+def test_truncate_kohya_to_peft_writes_module_paths_not_flattened_names(tmp_path: Path) -> None:
+    """A kohya file written --to peft used to keep its flattened names as PEFT module paths
+    (base_model.model.lora_unet_down_blocks_...): keys no PEFT model has, written with exit 0."""
+    kohya_file = save_adapter(truncate(load_adapter(old_naming_file(tmp_path / "old" / OLD)), rank=2).adapter,
+                              tmp_path / "k.safetensors", "kohya")
+    bare = tmp_path / "bare.safetensors"  # the same tensors without loratools' recorded names: names resolved
+    save_file(load_file(str(kohya_file)), str(bare))
+    out = tmp_path / "p"
+    result = run_cli("truncate", str(bare), "--rank", "1", "--to", "peft", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    keys = list(load_file(str(out / "adapter_model.safetensors")))
+    name = module_path(BLOCKS[0], "to_out")
+    assert f"base_model.model.{name}.lora_A.weight" in keys, keys[:3]
+    assert not any("lora_unet_" in k for k in keys)
+
+
+def test_order_named_modules_are_not_written_as_peft(tmp_path: Path) -> None:
+    from tests.test_lora_diffusion import lora_diffusion_file
+
+    source = lora_diffusion_file(tmp_path / "ld.safetensors", conv=False, embed=False)
+    result = run_cli("truncate", str(source), "--rank", "1", "--to", "peft", "-o", str(tmp_path / "p"))
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: ") and not (tmp_path / "p").exists()

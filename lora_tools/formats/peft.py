@@ -382,10 +382,28 @@ def state_dict_for(adapter: Adapter, prefix: str = PREFIX) -> dict[str, Any]:
     return tensors
 
 
+def _with_peft_names(adapter: Adapter) -> Adapter:
+    """Another format's adapter (truncate/merge ``--to peft``) under the module paths PEFT wraps: kohya's flattened
+    names resolved and diffusers' component prefix handled exactly as ``convert`` does; names that cannot be
+    resolved are refused there, never written as nonsense PEFT keys."""
+    if adapter.format == NAME:
+        return adapter
+    import dataclasses
+
+    from lora_tools.convert.run import foreign_names  # convert.run imports the format registry
+
+    names = foreign_names(adapter, NAME)
+    if all(names[n] == n for n in adapter.modules):
+        return adapter
+    modules = {names[n]: dataclasses.replace(m, name=names[n]) for n, m in adapter.modules.items()}
+    return dataclasses.replace(adapter, modules=modules)
+
+
 def write(adapter: Adapter, path: Path, *, force: bool = False) -> Path:
     """Write ``adapter`` as a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``), atomically."""
     from lora_tools.atomic import atomic_dir
 
+    adapter = _with_peft_names(adapter)
     base = adapter.config if adapter.format == NAME and adapter.config else _default_config(adapter)
     config = config_for(adapter, base)
     tensors = state_dict_for(adapter)
