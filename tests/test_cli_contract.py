@@ -89,3 +89,10 @@ def test_write_errors_name_the_output_not_the_temporary_file(tmp_path: Path, mon
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ") and str(out) in line and ".tmp" not in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_every_reader_can_be_chosen_with_format() -> None:
+    from lora_tools.cli._common import INPUT_FORMATS
+    from lora_tools.formats import FORMATS
+
+    assert sorted(INPUT_FORMATS) == sorted(FORMATS)
