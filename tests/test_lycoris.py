@@ -36,6 +36,13 @@ class Net(torch.nn.Module):
         self.conv1 = torch.nn.Conv2d(12, 16, 1)
 
 
+# LyCORIS wrapper name -> the kohya name the file gets, and the PEFT module path it converts to
+PATHS = {"lycoris_lin0": "down_blocks.0.attentions.0.proj_in", "lycoris_lin1": "down_blocks.0.attentions.0.proj_out",
+         "lycoris_conv": "down_blocks.0.resnets.0.conv1", "lycoris_conv1": "down_blocks.1.resnets.0.conv_shortcut"}
+KOHYA = {k: "lora_unet_" + v.replace(".", "_") for k, v in PATHS.items()}
+PEFT_NAME = {KOHYA[k]: v for k, v in PATHS.items()}
+LIN0, CONV = KOHYA["lycoris_lin0"], KOHYA["lycoris_conv"]
+
 # (algo, dim, alpha, extra create_lycoris kwargs)
 CONFIGS = {
     "loha-tucker": ("loha", 4, 2.0, {"use_tucker": True}),
@@ -66,8 +73,10 @@ def lycoris_file(tmp: Path, config: str, seed: int = 0) -> tuple[Path, dict[str,
             parameter.copy_(torch.randn(parameter.shape, generator=gen) * 0.5)
     path = tmp / f"{config}-{seed}.safetensors"
     network.save_weights(str(path), torch.float32, {})
-    # kohya's prefix instead of the wrapper's "lycoris_", as sd-scripts' lycoris.kohya names modules
-    save_file({"lora_unet_" + k[len("lycoris_"):]: v for k, v in load_file(str(path)).items()}, str(path))
+    # kohya names of SD UNet layers instead of the wrapper's "lycoris_<attr>" (as sd-scripts' lycoris.kohya names
+    # modules), so that PEFT/diffusers writers can resolve them
+    save_file({KOHYA[k.split(".", 1)[0]] + "." + k.split(".", 1)[1]: v for k, v in load_file(str(path)).items()},
+              str(path))
     deltas = {}
     with torch.no_grad():
         for module in network.loras:
@@ -79,7 +88,7 @@ def lycoris_file(tmp: Path, config: str, seed: int = 0) -> tuple[Path, dict[str,
                 delta = module.make_weight() * module.scale
             else:
                 delta = module.get_diff_weight(1)[0]
-            deltas["lora_unet_" + module.lora_name[len("lycoris_"):]] = delta.double()
+            deltas[KOHYA[module.lora_name]] = delta.double()
     return path, deltas, network
 
 
@@ -99,7 +108,7 @@ def test_delta_weight_matches_lycoris_modules(tmp_path: Path, config: str) -> No
         assert rel(ours, reference) <= 1e-6, (name, rel(ours, reference))
         B, A = adapter.factors(name, torch.float64)
         assert B.shape[1] == A.shape[0] == module.rank <= min(B.shape[0], A.shape[1])
-        if expected_kind == "locon-tucker" and name != "lora_unet_conv":
+        if expected_kind == "locon-tucker" and name != CONV:
             assert module.update_kind == "lora"  # LoCon without a core is plain LoRA
         else:
             assert module.update_kind == expected_kind
@@ -128,14 +137,14 @@ def test_forward_pass_not_merge_path_sets_the_scale(tmp_path: Path) -> None:
     """LyCORIS' get_diff_weight (its merge path) scales LoHa by alpha/r twice; its forward pass once. We follow
     the forward pass: an input through the LyCORIS module changes by exactly x·ΔWᵀ."""
     path, _, network = lycoris_file(tmp_path, "loha-rank1")  # alpha 3, r 1: the two paths differ by 3x
-    module = next(m for m in network.loras if m.lora_name == "lycoris_lin0")  # lora_unet_lin0 in the file
+    module = next(m for m in network.loras if m.lora_name == "lycoris_lin0")  # LIN0 in the file
     module.to(torch.float32)
     adapter = load_adapter(path)
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         change = (module(x) - module.org_forward(x)).double()
         merge_delta = module.get_diff_weight(1)[0].double()
-    ours = adapter.delta_weight("lora_unet_lin0", torch.float64)
+    ours = adapter.delta_weight(LIN0, torch.float64)
     assert rel(x.double() @ ours.T, change) <= 1e-5
     assert rel(merge_delta, ours * 3.0) <= 1e-6  # the merge path's extra alpha/r
 
@@ -152,9 +161,9 @@ def test_dora_scale_layout_is_read_from_its_shape(tmp_path: Path) -> None:
     adapter = load_adapter(path)
     assert all("dora" in m.flags and "dora_out" in m.flags for m in adapter.modules.values())
     tensors = load_file(str(path))
-    tensors["lora_unet_lin0.dora_scale"] = torch.ones(1, 64)  # wd_on_out=False: (1, in)
+    tensors[f"{LIN0}.dora_scale"] = torch.ones(1, 64)  # wd_on_out=False: (1, in)
     save_file(tensors, str(tmp_path / "in.safetensors"))
-    assert "dora_in" in load_adapter(tmp_path / "in.safetensors").modules["lora_unet_lin0"].flags
+    assert "dora_in" in load_adapter(tmp_path / "in.safetensors").modules[LIN0].flags
 
 
 @pytest.mark.parametrize("config", ["loha-tucker", "lokr-both-factored", "lokr-tucker", "locon-tucker", "full"])
@@ -166,8 +175,9 @@ def test_written_as_plain_lora_gives_the_same_delta(tmp_path: Path, config: str,
     back = load_adapter(out)
     assert back.format == to and {m.update_kind for m in back.modules.values()} == {"lora"}
     for name, reference in deltas.items():
-        assert back.modules[name].rank == adapter.modules[name].rank
-        assert rel(back.delta_weight(name, torch.float64).reshape(reference.shape), reference) <= 1e-6
+        out_name = PEFT_NAME[name] if to == "peft" else name
+        assert back.modules[out_name].rank == adapter.modules[name].rank
+        assert rel(back.delta_weight(out_name, torch.float64).reshape(reference.shape), reference) <= 1e-6
 
 
 def test_truncate_at_full_rank_is_exact_and_lower_rank_is_eckart_young(tmp_path: Path) -> None:
