@@ -143,6 +143,7 @@ def save_fp16(peft_model: Any, out: Path) -> int:
     config_path = staging / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = HUB_ID  # not this machine's site-packages path
+    config["target_modules"] = sorted(config["target_modules"])  # PEFT writes a set, in hash order
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if out.exists():
         shutil.rmtree(out)
