@@ -356,3 +356,49 @@ def test_still_refused_kinds_name_what_was_found(tmp_path: Path) -> None:
         path = _file(tmp_path, {key: R(4, 4), "hada_w1_a": R(8, 2)}, f"{kind}.safetensors")
         with pytest.raises(LoraToolsError, match=kind):
             load_adapter(path)
+
+
+# --- PEFT LoHa / LoKr folders -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "lokr-tucker"])
+def test_peft_loha_lokr_folders_match_peft_delta_weight(tmp_path: Path, kind: str) -> None:
+    pytest.importorskip("peft")
+    from peft import LoHaConfig, LoKrConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = Net()
+    targets = ["lin0", "lin1", "conv"]
+    if kind == "loha":
+        config = LoHaConfig(r=4, alpha=3, target_modules=targets, init_weights=False, use_effective_conv2d=True,
+                            rank_pattern={"lin1": 2}, alpha_pattern={"lin1": 5})
+    else:
+        config = LoKrConfig(r=2, alpha=3, target_modules=targets, init_weights=False, decompose_both=True,
+                            decompose_factor=4, use_effective_conv2d=kind == "lokr-tucker")
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(tmp_path / kind)
+    adapter = load_adapter(tmp_path / kind)
+    assert adapter.format == "peft" and adapter.config["peft_type"] == "LORA"
+    assert adapter.source_config["peft_type"] == config.peft_type.value
+    with torch.no_grad():
+        for name in targets:
+            expected = getattr(peft_model.base_model.model, name).get_delta_weight("default").double()
+            ours = adapter.delta_weight(name, torch.float64).reshape(expected.shape)
+            assert adapter.modules[name].update_kind == kind.split("-")[0]
+            assert rel(ours, expected) <= 1e-6, name
+    back = load_adapter(save_adapter(adapter, tmp_path / "lora"))  # a PEFT LoRA folder now
+    for name in targets:
+        expected = adapter.delta_weight(name, torch.float64)
+        assert back.modules[name].update_kind == "lora"
+        assert rel(back.delta_weight(name, torch.float64), expected) <= 1e-6
+
+
+def test_peft_loha_rank_pattern_disagreeing_with_tensors_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "loha"
+    folder.mkdir()
+    save_file({f"base_model.model.q.{k}": v for k, v in
+               {"hada_w1_a": R(8, 2), "hada_w1_b": R(2, 6), "hada_w2_a": R(8, 2), "hada_w2_b": R(2, 6)}.items()},
+              str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA", "r": 4, "alpha": 4}))
+    with pytest.raises(ModuleMismatchError, match="says rank 4 but the tensors have rank 2"):
+        load_adapter(folder)
