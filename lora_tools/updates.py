@@ -324,15 +324,16 @@ class ExactFactorSource:
         if entry is None:
             return self.inner.get(key)
         name, update, is_down = entry
-        if self._cache is None or self._cache[0] != name:
+        cache = self._cache  # one read: another thread may replace it meanwhile (merge runs modules in threads)
+        if cache is None or cache[0] != name:
             with torch.no_grad():
                 B, A = update.factors(self.inner)
             dtype = update.factor_dtype
             in_channels = update.in_features // max(1, _prod(update.kernel))
             A = A.to(dtype).reshape(update.rank, in_channels, *update.kernel).contiguous()
             B = B.to(dtype).reshape(update.out_features, update.rank, *([1] * len(update.kernel))).contiguous()
-            self._cache = (name, B, A)
-        return self._cache[2] if is_down else self._cache[1]
+            cache = self._cache = (name, B, A)
+        return cache[2] if is_down else cache[1]
 
 
 def _prod(values: tuple[int, ...]) -> int:
