@@ -22,8 +22,10 @@ from lora_tools.cli._common import (
 
 @click.command("compare-quant")
 @adapter_argument
-@click.option("--base", "base", type=click.Path(path_type=Path), default=None, metavar="DIR",
-              help="Local transformers model folder (default: the adapter's base_model_name_or_path).")
+@click.option("--base", "base", type=click.Path(path_type=Path), default=None, metavar="MODEL",
+              help="A local transformers folder, a .gguf model file, or a Hub id org/name[@rev] already in the "
+                   "local Hugging Face cache (default: the adapter's base_model_name_or_path, resolved the same way; "
+                   "the bundled MiniLM / SmolLM2 bases when it names them).")
 @click.option("--target", type=click.Choice(["delta", "merged", "base"]), default="delta", show_default=True,
               help="What is stored: the update s·B·A, W0 + s·B·A, or W0 alone.")
 @click.option("--ranks", default=None, metavar="LIST",
@@ -40,6 +42,16 @@ from lora_tools.cli._common import (
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Dtype of the model's forward pass (the comparison itself runs in float32/float64).")
+@click.option("--end-to-end/--no-end-to-end", "end_to_end", default=None,
+              help="Also run every whole-adapter variant through the full model and compare what it predicts with "
+                   "the unmodified adapter (KL of next-token distributions, top-1, perplexity; pooled-embedding "
+                   "cosine for encoders). Default: on for causal LMs.")
+@click.option("--max-kl", type=float, default=None, metavar="X",
+              help="Recommend the fewest bytes whose mean per-token KL to the adapter is at most X (nats).")
+@click.option("--budget", type=int, default=None, metavar="BYTES",
+              help="Recommend the smallest KL (1 − cos for encoders) within BYTES of stored adapter.")
+@click.option("--e2e-tokens", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Held-out tokens run through the full model for every variant.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Write report.md, report.json and PNG plots to DIR.")
 @format_option
@@ -49,18 +61,23 @@ from lora_tools.cli._common import (
 @error_boundary
 def compare_quant_command(path: Path | None, base: Path | None, target: str, ranks: str | None,
                           schemes: str | None, calib: str | None, max_tokens: int, holdout: float, device: str,
-                          dtype: str, report_dir: Path | None, format_: str | None, as_json: bool, quiet: bool,
+                          dtype: str, end_to_end: bool | None, max_kl: float | None, budget: int | None,
+                          e2e_tokens: int, report_dir: Path | None, format_: str | None, as_json: bool, quiet: bool,
                           force: bool) -> None:
     """Is SVD truncation or integer quantization the smaller error on what each layer outputs?
 
-    Without PATH, runs on the bundled example adapter and MiniLM with the bundled calibration corpus.
+    Without PATH, runs on the bundled example adapter and MiniLM with the bundled calibration corpus
+    (`--example llm`: the bundled SmolLM2 adapter, judged end to end by the model's next-token distributions).
     """
     from lora_tools.compare import CompareOptions, parse_ranks, parse_schemes, prepare_compare
+    from lora_tools.compare.frontier import check_recommendation_options
     from lora_tools.formats import load_adapter
     from lora_tools.report.compare_md import check_report_dir, render_compare_markdown, write_compare_report
 
     options = CompareOptions(target=target, ranks=parse_ranks(ranks), schemes=parse_schemes(schemes),
-                             calib=calib, max_tokens=max_tokens, holdout=holdout, device=device, dtype=dtype)
+                             calib=calib, max_tokens=max_tokens, holdout=holdout, device=device, dtype=dtype,
+                             end_to_end=end_to_end, max_kl=max_kl, budget=budget, e2e_tokens=e2e_tokens)
+    check_recommendation_options(max_kl, budget)
     if report_dir is not None:
         check_report_dir(report_dir, force)
     adapter = load_adapter(default_adapter(path), format_)
@@ -68,6 +85,8 @@ def compare_quant_command(path: Path | None, base: Path | None, target: str, ran
     if job.random:
         click.echo("note: --calib random: errors are measured on synthetic Gaussian inputs N(0, I), not on inputs "
                    "captured from the base model", err=True)
+    if job.base_note:
+        click.echo(f"note: {job.base_note}", err=True)
     if job.evaluation == "in-sample":
         click.echo(f"warning: --holdout 0: nothing is held out; every error reported is IN-SAMPLE (measured on the "
                    f"{job.counts.calibration} calibration tokens the fits used)", err=True)

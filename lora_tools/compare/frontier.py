@@ -75,15 +75,20 @@ def _describe(row: dict[str, Any]) -> str:
     return f"{row['label']} (mean KL {row['kl_mean']:.3g}, {row['bytes']:,} bytes)"
 
 
-def recommend(rows: Sequence[dict[str, Any]], *, max_kl: float | None = None, budget: int | None = None,
-              kl_adapter_base: float | None = None) -> dict[str, Any]:
-    """The recommended variant for ``max_kl`` or ``budget`` (at most one), as a plain dict."""
+def check_recommendation_options(max_kl: float | None, budget: int | None) -> None:
+    """Refuse bad --max-kl / --budget values before any work (``recommend`` checks them again)."""
     if max_kl is not None and budget is not None:
         raise InvalidOptionError("give --max-kl or --budget, not both")
     if max_kl is not None and not (_finite(max_kl) and max_kl >= 0):
         raise InvalidOptionError(f"--max-kl must be a finite number >= 0, got {max_kl}")
     if budget is not None and not (_finite(budget) and budget > 0):
         raise InvalidOptionError(f"--budget must be a positive number of bytes, got {budget}")
+
+
+def recommend(rows: Sequence[dict[str, Any]], *, max_kl: float | None = None, budget: int | None = None,
+              kl_adapter_base: float | None = None) -> dict[str, Any]:
+    """The recommended variant for ``max_kl`` or ``budget`` (at most one), as a plain dict."""
+    check_recommendation_options(max_kl, budget)
     indexed = [(i, r) for i, r in enumerate(rows)
                if r.get("method") != "identity" and _finite(r["kl_mean"]) and _finite(r["bytes"])]
     if not indexed:

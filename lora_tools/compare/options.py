@@ -29,6 +29,12 @@ class CompareOptions:
     batch_size: int = 32
     max_length: int = 128
     seed: int = 0
+    # End-to-end (compare.whole_model): None = on for causal LMs; max_kl / budget choose the recommendation.
+    end_to_end: bool | None = None
+    max_kl: float | None = None
+    budget: int | None = None
+    e2e_tokens: int | None = 2048  # held-out tokens run through the full model per variant (None: all)
+    e2e_batch_size: int = 8
 
 
 def resolve_device(device: str) -> torch.device:

@@ -23,6 +23,7 @@ from lora_tools.compare.options import (
     resolve_device,
 )
 from lora_tools.compare.run import CompareJob, Layer
+from lora_tools.compare.whole_model import planned
 from lora_tools.errors import InvalidOptionError, ModuleMismatchError
 from lora_tools.quant import get_scheme
 
@@ -57,6 +58,7 @@ def prepare_compare(adapter: Adapter | None, base: Path | None, options: Compare
         from lora_tools.basemodel import load_base, match_modules, resolve_base
 
         job.base_path = resolve_base(adapter, base)
+        job.base_note = base_note(job.base_path)
         model, tokenizer = load_base(job.base_path, device, DTYPES[options.dtype], need_tokenizer=not is_random)
         mapping = match_modules(model, list(adapter.modules))
         job.unmatched = mapping.unmatched
@@ -74,6 +76,7 @@ def prepare_compare(adapter: Adapter | None, base: Path | None, options: Compare
         job.counts = TokenCounts(calib_tokens, holdout_tokens, options.holdout, "--calib random",
                                  available=options.max_tokens, max_tokens=options.max_tokens)
         _check_counts(job)
+        job.end_to_end, job.end_to_end_skipped = planned(job)
         return job
     job.model = model
     job.pad_id = int(tokenizer.pad_token_id)
@@ -89,7 +92,20 @@ def prepare_compare(adapter: Adapter | None, base: Path | None, options: Compare
     job.calib_description = ("bundled: Python standard-library docstrings (lora_tools/data/calib_corpus.txt)"
                              if options.calib is None else f"file: {options.calib}")
     job.modules = {layer.name: mapping.modules[layer.name] for layer in job.layers}
+    job.end_to_end, job.end_to_end_skipped = planned(job)
     return job
+
+
+def base_note(path: Path) -> str | None:
+    """What every report on this base must say: a GGUF base's weights were quantized and are dequantized here."""
+    if path.suffix.lower() != ".gguf":
+        return None
+    from lora_tools.model.smollm2 import NOTE, is_bundled
+
+    if is_bundled(path):
+        return NOTE
+    return (f"base: {path.name} is a GGUF file; its weights are dequantized from their stored quantization, so "
+            "--target base compares against an already-quantized W0")
 
 
 def _check_counts(job: CompareJob) -> None:

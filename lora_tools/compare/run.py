@@ -105,6 +105,9 @@ class CompareJob:
     skipped: list[str] = field(default_factory=list)
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)
     counts: TokenCounts | None = None  # set by prepare_compare, after the token check
+    end_to_end: bool = False  # set by prepare_compare (compare.whole_model.planned)
+    end_to_end_skipped: str | None = None  # why end-to-end evaluation does not run, when it does not
+    base_note: str | None = None  # what a report must say about the base (e.g. its weights were 4-bit)
 
     @property
     def evaluation(self) -> str:
@@ -119,7 +122,12 @@ class CompareJob:
     def steps(self) -> int:
         forwarded = len(self.calib_sequences) + len(self.holdout_sequences) if not self.random else 2 * len(
             self.layers)
-        return forwarded + len(self.layers)
+        steps = forwarded + len(self.layers)
+        if self.end_to_end:
+            from lora_tools.compare.whole_model import evaluation_sequences
+
+            steps += len(evaluation_sequences(self))
+        return steps
 
     @torch.no_grad()
     def run(self, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -148,7 +156,15 @@ class CompareJob:
                 stats.update(y, error_map(x32, y), y_sq)
 
         self._forward(self.holdout_sequences, on_holdout, advance, seed=self.options.seed + 1)
-        return self._report()
+        report = self._report()
+        if self.end_to_end:
+            from lora_tools.compare.whole_model import run_end_to_end
+
+            report["end_to_end"] = run_end_to_end(self, advance)
+        else:
+            report["end_to_end"] = None
+            report["end_to_end_skipped"] = self.end_to_end_skipped
+        return report
 
     # --- the three stages ------------------------------------------------------------------------------------
 
@@ -286,6 +302,7 @@ class CompareJob:
         return {
             "tool": f"loratools {__version__}",
             "base_model": display_path(self.base_path) if self.base_path else None,
+            "base_note": self.base_note,
             # The name the adapter gives its base, whether or not a base model was loaded.
             "adapter_base_model": self.adapter.base_model if self.adapter else None,
             "base_model_run": not self.random,

@@ -13,6 +13,7 @@ from lora_tools.atomic import atomic_path
 from lora_tools.errors import LoraToolsError, OutputExistsError
 
 REPORT_FILES = ("report.md", "report.json", "error_vs_bits.png", "error_histogram.png")
+FRONTIER_PLOT = "frontier.png"  # only when the report has an end_to_end section
 
 
 def _num(value: Any, digits: int = 3) -> str:
@@ -82,6 +83,8 @@ def _context(report: dict[str, Any]) -> list[str]:
     else:
         base = f", on base `{report['base_model']}`"
     lines = [f"{adapter}{base}; device {report['device']}, forward dtype {report['dtype']}.  "]
+    if report.get("base_note"):
+        lines.append(f"**Note:** {report['base_note']}.  ")
     if random:
         lines.append(f"Inputs: {report['calib']}. Every error is relative to the outputs on these synthetic "
                      "inputs, which are not what the layers see in the model.  ")
@@ -244,7 +247,18 @@ def _reading(report: dict[str, Any]) -> list[str]:
 def render_compare_markdown(report: dict[str, Any], summary_only: bool = False) -> str:
     ev = _evaluation(report)
     in_sample = ev == IN_SAMPLE
-    parts = [_title(report), "", *_context(report), "", render_summary(report)]
+    parts = [_title(report), "", *_context(report)]
+    section = report.get("end_to_end")
+    if section:
+        from lora_tools.report.end_to_end_md import render_end_to_end
+
+        # What the model finally predicts comes first: it is the answer; the per-layer tables explain it.
+        parts += ["", render_end_to_end(section).rstrip()]
+        if not summary_only:
+            parts += ["", "![bytes vs end-to-end divergence, frontier](frontier.png)"]
+    elif report.get("end_to_end_skipped"):
+        parts += ["", f"End-to-end evaluation not run: {report['end_to_end_skipped']}."]
+    parts += ["", render_summary(report)]
     if summary_only:
         return "\n".join(parts) + "\n"
     parts += ["", f"## Reading ({ev})", "", *_reading(report)]
@@ -293,7 +307,7 @@ def check_report_dir(path: Path, force: bool) -> None:
     """Refuse before any computation: a report folder whose files exist (without --force), or a file path."""
     if path.exists() and not path.is_dir():
         raise LoraToolsError(f"{path}: --report needs a folder, and this is a file")
-    existing = [name for name in REPORT_FILES if (path / name).exists()]
+    existing = [name for name in (*REPORT_FILES, FRONTIER_PLOT) if (path / name).exists()]
     if existing and not force:
         raise OutputExistsError(f"{path}: already holds {', '.join(existing)}; pass --force to overwrite them")
 
@@ -317,6 +331,11 @@ def write_compare_report(report: dict[str, Any], path: Path, *, force: bool, jso
             staged["report.json"].write_text(json_text + "\n", encoding="utf-8")
             plot_error_vs_bits(report, staged["error_vs_bits.png"], force=True)
             plot_error_histogram(report, staged["error_histogram.png"], force=True)
+            if report.get("end_to_end"):
+                from lora_tools.report.frontier_plot import plot_frontier
+
+                plot_frontier(report["end_to_end"], stack.enter_context(atomic_path(path / FRONTIER_PLOT,
+                                                                                    force=force)), force=True)
             staged["report.md"].write_text(render_compare_markdown(report), encoding="utf-8")
     except BaseException:
         if created:
