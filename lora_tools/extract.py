@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,9 @@ EXACT_LIMIT = 2048
 OVERSAMPLE = 10
 POWER_ITERATIONS = 4
 # Differences with fewer elements than this are factored on one thread: OpenMP's fork/join costs more than a second
-# thread gains (measured on a 2-core machine: 128x128 float64 SVD 2.2 ms on 1 thread, 10.9 ms on 2; from 256x256 on,
-# up to 1.9x faster on 2 when the cores are free). Above it, see ``svd_threads``.
+# thread gains (on the shared 2-core machine: 128x128 float64 SVD 2.3 ms on 1 thread, 5.6 ms on 2). Above it, see
+# ``svd_threads``. The crossover could not be pinned down there (load 5-12 on 2 cores: 2 threads were 0.35-0.98x
+# as fast as 1 at every size up to 768x3072; one run at load 4.7 gave 1.9x at 256x256 and 384x384).
 THREADED_MIN_ELEMENTS = 256 * 256
 
 
@@ -57,9 +59,11 @@ def select(rank: Any, energy: Any) -> RankRule:
 
 
 @torch.no_grad()
-def truncated_svd(D: torch.Tensor, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, str]:
-    """(U_k, S_k, Vh_k, retained energy, method) of the (out, in) difference ``D``."""
-    threads = svd_threads(D.numel())
+def truncated_svd(D: torch.Tensor, rule: RankRule, max_threads: int | None = None) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, float, str]:
+    """(U_k, S_k, Vh_k, retained energy, method) of the (out, in) difference ``D``, on up to ``max_threads``
+    threads (default: torch's current number)."""
+    threads = svd_threads(D.numel(), torch.get_num_threads() if max_threads is None else max_threads)
     if threads == 1:
         with single_threaded():
             return _truncated_svd(D, rule)
@@ -71,12 +75,11 @@ def truncated_svd(D: torch.Tensor, rule: RankRule) -> tuple[torch.Tensor, torch.
         torch.set_num_threads(previous)
 
 
-def svd_threads(numel: int) -> int:
-    """Threads for the SVD of a ``numel``-element difference: one below ``THREADED_MIN_ELEMENTS``; above, torch's
-    threads (by default one per core) capped by the cores other work leaves idle. A thread that waits for a busy core
-    holds up the others at every OpenMP barrier: on 2 cores at load 10, GPT-2's 48 SVDs took 164 s on 2 threads
-    and 146 s on 1."""
-    threads = torch.get_num_threads()
+def svd_threads(numel: int, threads: int) -> int:
+    """Threads for the SVD of a ``numel``-element difference: one below ``THREADED_MIN_ELEMENTS``; above,
+    ``threads`` (torch's, by default one per core) capped by the cores other work leaves idle. A thread that waits
+    for a busy core holds up the others at every OpenMP barrier: on 2 cores at load 10, GPT-2's 48 SVDs took 164 s
+    on 2 threads and 146 s on 1."""
     if numel < THREADED_MIN_ELEMENTS or threads <= 1:
         return 1
     return max(1, min(threads, idle_cores()))
@@ -136,53 +139,19 @@ def extract(base: Path, finetuned: Path, *, rank: Any = None, energy: Any = None
     if kinds is None:
         warnings.append("no config.json: every 2-D '*.weight' tensor was treated as an nn.Linear weight (out, in)")
     builder = AdapterBuilder("peft", Path(f"extract({finetuned})"), base_model=str(base))
-    rows: list[dict[str, Any]] = []
     changed_other = [change_row(key, shape, note="only in the base model")
                      for key, shape in _shapes(base_index, set(base_index) - set(ft_index)).items()]
-    unchanged = other_unchanged = 0
 
     def read(index: dict[str, Path], key: str) -> torch.Tensor:
         with safe_open(str(index[key]), framework="pt") as handle:
             return handle.get_tensor(key)
 
-    for key in ft_index:
-        w_ft = read(ft_index, key)
-        if key not in base_index:
-            changed_other.append(change_row(key, list(w_ft.shape), note="not in the base model"))
-            continue
-        w_0 = read(base_index, key)
-        name = key[: -len(".weight")]
-        kind = (kinds.get(name) if kinds is not None else "linear") if key.endswith(".weight") else None
-        if kind is None or w_ft.ndim != 2 or not w_ft.is_floating_point():
-            # norms, biases, embeddings, buffers: not a linear map LoRA factors describe
-            if w_0.shape != w_ft.shape:
-                changed_other.append(change_row(key, list(w_ft.shape), note=f"shape {list(w_ft.shape)} differs from "
-                                                f"the base's {list(w_0.shape)}"))
-            elif torch.equal(w_0, w_ft):
-                other_unchanged += 1
-            else:
-                changed_other.append(change_row(key, list(w_ft.shape), *tensor_change(w_0, w_ft)))
-            continue
-        if w_0.shape != w_ft.shape:
-            raise BaseModelError(f"{key}: base weight {list(w_0.shape)} vs fine-tuned {list(w_ft.shape)}; "
-                                 "not the same architecture")
-        if torch.equal(w_0, w_ft):
-            unchanged += 1
-            continue
-        work = torch.float64 if w_ft.numel() <= (1 << 22) else torch.float32
-        D = w_ft.to(work) - w_0.to(work)
-        if not bool(torch.isfinite(D).all()):
-            # an SVD of NaN/Inf fails inside LAPACK; name the tensor and the files instead
-            raise BaseModelError(f"{ft_index[key]}: tensor {key!r}: the difference from {base_index[key]} contains "
-                                 "NaN or Inf; nothing to extract from a broken weight")
-        if kind == "conv1d":
-            D = D.T  # Conv1D stores (in, out); the LoRA factors describe the (out, in) map
-        U, S, Vh, kept, method = truncated_svd(D, rule)
-        root = S.clamp_min(0).sqrt()
-        builder.add_module(name, kind, U * root, root[:, None] * Vh, scale=1.0, alpha=float(S.numel()),
-                           dtype=OUTPUT_DTYPES[dtype])
-        rows.append({"name": name, "shape": list(D.shape), "rank": int(S.numel()), "retained_energy": kept,
-                     "rel_fro_error": relative_error(kept), "method": method})
+    # The reads, comparisons and differences are memory-bound: on the busy 2-core machine a second thread made them
+    # 3x slower (GPT-2 pair: 8.6 s vs 2.7 s), so the loop runs on one thread and only large SVDs get more.
+    max_threads = torch.get_num_threads()
+    with single_threaded():
+        rows, unchanged, other_unchanged = _compare_and_factor(
+            base_index, ft_index, read, kinds, rule, OUTPUT_DTYPES[dtype], max_threads, builder, changed_other)
     plan = plan_other(changed_other, lora_modules={n: m.kind for n, m in builder.modules.items()}, layout=layout,
                       ft_keys=set(ft_index), base_keys=set(base_index), include=include_other)
     if not rows:
@@ -229,6 +198,55 @@ def extract(base: Path, finetuned: Path, *, rank: Any = None, energy: Any = None
     if any(math.isnan(r["retained_energy"]) for r in rows):
         warnings.append("some differences are not finite")
     return adapter, report
+
+
+def _compare_and_factor(base_index: dict[str, Path], ft_index: dict[str, Path],
+                        read: Callable[[dict[str, Path], str], torch.Tensor], kinds: dict[str, str] | None,
+                        rule: RankRule, out_dtype: torch.dtype, max_threads: int, builder: AdapterBuilder,
+                        changed_other: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int, int]:
+    """Add a LoRA module to ``builder`` for every changed linear weight and append every other changed tensor to
+    ``changed_other``; return (module rows, identical linear weights, identical other tensors)."""
+    rows: list[dict[str, Any]] = []
+    unchanged = other_unchanged = 0
+    for key in ft_index:
+        w_ft = read(ft_index, key)
+        if key not in base_index:
+            changed_other.append(change_row(key, list(w_ft.shape), note="not in the base model"))
+            continue
+        w_0 = read(base_index, key)
+        name = key[: -len(".weight")]
+        kind = (kinds.get(name) if kinds is not None else "linear") if key.endswith(".weight") else None
+        if kind is None or w_ft.ndim != 2 or not w_ft.is_floating_point():
+            # norms, biases, embeddings, buffers: not a linear map LoRA factors describe
+            if w_0.shape != w_ft.shape:
+                changed_other.append(change_row(key, list(w_ft.shape), note=f"shape {list(w_ft.shape)} differs from "
+                                                f"the base's {list(w_0.shape)}"))
+            elif torch.equal(w_0, w_ft):
+                other_unchanged += 1
+            else:
+                changed_other.append(change_row(key, list(w_ft.shape), *tensor_change(w_0, w_ft)))
+            continue
+        if w_0.shape != w_ft.shape:
+            raise BaseModelError(f"{key}: base weight {list(w_0.shape)} vs fine-tuned {list(w_ft.shape)}; "
+                                 "not the same architecture")
+        if torch.equal(w_0, w_ft):
+            unchanged += 1
+            continue
+        work = torch.float64 if w_ft.numel() <= (1 << 22) else torch.float32
+        D = w_ft.to(work) - w_0.to(work)
+        if not bool(torch.isfinite(D).all()):
+            # an SVD of NaN/Inf fails inside LAPACK; name the tensor and the files instead
+            raise BaseModelError(f"{ft_index[key]}: tensor {key!r}: the difference from {base_index[key]} contains "
+                                 "NaN or Inf; nothing to extract from a broken weight")
+        if kind == "conv1d":
+            D = D.T  # Conv1D stores (in, out); the LoRA factors describe the (out, in) map
+        U, S, Vh, kept, method = truncated_svd(D, rule, max_threads)
+        root = S.clamp_min(0).sqrt()
+        builder.add_module(name, kind, U * root, root[:, None] * Vh, scale=1.0, alpha=float(S.numel()),
+                           dtype=out_dtype)
+        rows.append({"name": name, "shape": list(D.shape), "rank": int(S.numel()), "retained_energy": kept,
+                     "rel_fro_error": relative_error(kept), "method": method})
+    return rows, unchanged, other_unchanged
 
 
 def _shapes(index: dict[str, Path], keys: set[str]) -> dict[str, list[int]]:
