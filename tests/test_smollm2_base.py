@@ -96,3 +96,13 @@ def test_hook_logits_equal_peft_logits(smollm2_base: dict[str, Any]) -> None:
     assert float((hooked - reference).abs().max()) / scale <= 1e-5
     assert float((reference - base_logits).abs().max()) / scale > 1e-2  # the adapter does change the outputs
     assert torch.equal(after, base_logits)  # hooks and PEFT layers both came off
+
+
+def test_load_time_patches_come_off(smollm2_base: dict[str, Any]) -> None:
+    import gguf
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    # the memoised reader, name map, metadata read and silenced progress bar live only inside the load
+    assert isinstance(gguf.GGUFReader, type) and not hasattr(gguf.get_tensor_name_map, "cache_info")
+    assert gguf_utils.load_gguf_checkpoint.__module__ == gguf_utils.__name__
+    assert gguf_utils.tqdm.__name__ != "<lambda>"
