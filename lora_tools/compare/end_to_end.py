@@ -41,6 +41,7 @@ import torch
 from lora_tools.capture import iter_batches
 from lora_tools.compare.variants import Variant
 from lora_tools.errors import BaseModelError, InvalidOptionError, ModuleMismatchError
+from lora_tools.memory import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +328,7 @@ def evaluate_variants(model: torch.nn.Module, modules: Mapping[str, torch.nn.Mod
                     _compare_pooled(ref, _pooled(forward(None), mask), base_tally)
                     for factors, tally in zip(prepared, tallies, strict=True):
                         _compare_pooled(ref, _pooled(forward(factors), mask), tally)
+                release_free_memory()  # logits of a large vocabulary: see lora_tools.memory
                 if progress is not None:
                     progress(int(ids.shape[0]))
     finally:

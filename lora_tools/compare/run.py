@@ -58,6 +58,7 @@ from lora_tools.compare.metrics import (
 from lora_tools.compare.options import CompareOptions, display_path
 from lora_tools.compare.summary import aggregate, mark_duplicates, summary
 from lora_tools.errors import LoraToolsError
+from lora_tools.memory import release_free_memory
 from lora_tools.quant import QuantScheme
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,11 @@ class CompareJob:
 
         self._forward(self.holdout_sequences, on_holdout, advance, seed=self.options.seed + 1)
         report = self._report()
+        for layer in self.layers:
+            # The per-layer report is done: only the calibration covariances (svd-act variants) are still needed.
+            # On SmolLM2 the held-out ones are 1 GB of float64.
+            layer.holdout, layer.error_maps, layer.stats = None, [], []
+        release_free_memory()
         if self.end_to_end:
             from lora_tools.compare.whole_model import run_end_to_end
 
