@@ -40,7 +40,7 @@ def collect_covariances(adapter: Adapter, base: Path | None, calib: Path | None,
                         max_length: int = 128, batch_size: int = 32, device: str = "cpu",
                         progress: Callable[[int], None] | None = None) -> Calibration:
     """Run the base model (adapter applied) on ``calib`` (default: the bundled corpus) and accumulate C per layer."""
-    from lora_tools.basemodel import load_base, match_modules, resolve_base
+    from lora_tools.basemodel import check_module_map, load_base, match_modules, resolve_base
     from lora_tools.data import calib_corpus_path
 
     calib_path = calib if calib is not None else calib_corpus_path()
@@ -48,7 +48,8 @@ def collect_covariances(adapter: Adapter, base: Path | None, calib: Path | None,
     base_path = resolve_base(adapter, base)
     model, tokenizer = load_base(base_path, device, torch.float32)
     mapping = match_modules(model, list(adapter.modules))
-    skipped = [f"{name} (not found in {base_path})" for name in mapping.unmatched]
+    check_module_map(adapter, model, mapping, base_path)  # another architecture or missing modules: refused
+    skipped = []
     modules = {}
     for name, module in mapping.modules.items():
         if adapter.modules[name].kind in CAPTURE_KINDS:

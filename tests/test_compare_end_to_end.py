@@ -184,3 +184,29 @@ def test_bad_end_to_end_options(tiny_llama: tuple[Path, Path], tmp_path: Path, e
 
 def test_max_kl_on_an_encoder_is_refused(tiny_bert: tuple[Path, Path]) -> None:
     assert_one_line_error(run_cli(*_args(tiny_bert, "--end-to-end", "--max-kl", "0.1")), "--max-kl", "causal LM")
+
+
+def test_modules_the_base_lacks_are_named(tiny_llama: tuple[Path, Path], tmp_path: Path) -> None:
+    from tests.helpers import lora_tensors, write_peft
+
+    base, adapter = tiny_llama
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    tensors.update(lora_tensors({"model.layers.0.self_attn.not_there": (32, 32, 4)}))
+    odd = write_peft(tmp_path / "odd", tensors, r=4, lora_alpha=8)
+    result = run_cli("compare-quant", str(odd), "--base", str(base), "--quiet")
+    assert_one_line_error(result, "1 of the adapter's", "not_there")
+
+
+def test_adapter_of_another_architecture_is_refused(tiny_llama: tuple[Path, Path], tmp_path: Path) -> None:
+    from tests.helpers import lora_tensors, write_peft
+
+    base, _ = tiny_llama
+    gpt2 = write_peft(tmp_path / "gpt2", lora_tensors({"transformer.h.0.attn.c_attn": (96, 32, 4)}), r=4,
+                      lora_alpha=8, fan_in_fan_out=True, base_model_name_or_path="gpt2")
+    for command in (["compare-quant", str(gpt2), "--base", str(base), "--quiet"],
+                    ["truncate", str(gpt2), "--base", str(base), "--calib", "bundled", "--rank", "1", "-o",
+                     str(tmp_path / "out"), "--quiet"]):
+        assert_one_line_error(run_cli(*command), "another architecture", "gpt2")
+    assert not (tmp_path / "out").exists()

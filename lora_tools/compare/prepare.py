@@ -55,17 +55,15 @@ def prepare_compare(adapter: Adapter | None, base: Path | None, options: Compare
     job = CompareJob(options, device, [], schemes, tuple(ranks), adapter, None)
     needs_model = not is_random or options.target != "delta"
     if needs_model:
-        from lora_tools.basemodel import load_base, match_modules, resolve_base
+        from lora_tools.basemodel import check_module_map, load_base, match_modules, resolve_base
 
         job.base_path = resolve_base(adapter, base)
         job.base_note = base_note(job.base_path)
         model, tokenizer = load_base(job.base_path, device, DTYPES[options.dtype], need_tokenizer=not is_random)
         mapping = match_modules(model, list(adapter.modules))
         job.unmatched = mapping.unmatched
-        if not mapping.modules:
-            sample = ", ".join(list(adapter.modules)[:2])
-            raise ModuleMismatchError(f"{job.base_path}: none of the adapter's modules ({sample}, ...) exist in "
-                                      "the base model; is --base the model this adapter was trained on?")
+        # Another architecture, modules the base lacks (the first few named), or shapes of another model size.
+        check_module_map(adapter, model, mapping, display_path(job.base_path))
     job.layers = _build_layers(job, adapter, mapping if needs_model else None, is_random)
     if not job.layers:
         raise ModuleMismatchError(f"{adapter.path}: no module of a supported kind to compare "
