@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from lora_tools.fold import base_keys, weight_files
 from lora_tools.formats.peft import PREFIX as PEFT_PREFIX
 from lora_tools.formats.peft import natural_key
 from lora_tools.linalg import single_threaded
+from lora_tools.linalg.lowrank import idle_threads
 from lora_tools.linalg.truncate import RankRule, relative_error
 from lora_tools.truncate import parse_number, parse_positive_int
 
@@ -82,21 +82,7 @@ def svd_threads(numel: int, threads: int) -> int:
     on 2 threads and 146 s on 1."""
     if numel < THREADED_MIN_ELEMENTS or threads <= 1:
         return 1
-    return max(1, min(threads, idle_cores()))
-
-
-def idle_cores() -> int:
-    """Usable cores minus the 1-minute load average, plus the one this process runs on; all usable cores where the
-    platform keeps no load average."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # Windows
-        return cores
-    return round(cores - load + 1)
+    return idle_threads(threads)
 
 
 def _truncated_svd(D: torch.Tensor, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -275,11 +276,11 @@ def test_large_differences_use_the_machine_threads(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(extract_module, "_truncated_svd", lambda D, rule: (seen.append(torch.get_num_threads()),
                                                                             inner(D, rule))[1])
     monkeypatch.setattr(extract_module, "THREADED_MIN_ELEMENTS", 64 * 64)
-    monkeypatch.setattr(extract_module.os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # an idle machine
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # an idle machine
     for size in (32, 64):
         extract_module.truncated_svd(torch.randn(size, size, dtype=torch.float64), RankRule("fixed", 2))
     assert seen == [1, threads] and torch.get_num_threads() == threads
     # A machine whose cores are all busy: one thread, whatever the size.
-    monkeypatch.setattr(extract_module.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))
     extract_module.truncated_svd(torch.randn(64, 64, dtype=torch.float64), RankRule("fixed", 2))
     assert seen[-1] == 1 and torch.get_num_threads() == threads

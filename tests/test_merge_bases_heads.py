@@ -232,7 +232,7 @@ def test_large_dense_modules_use_the_idle_threads(monkeypatch: pytest.MonkeyPatc
 def test_idle_threads_stay_within_torch_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from lora_tools.merge.run import idle_threads
+    from lora_tools.linalg.lowrank import idle_threads
 
     assert 1 <= idle_threads() <= torch.get_num_threads()
     monkeypatch.setattr(os, "getloadavg", lambda: (1000.0, 0.0, 0.0))  # a saturated machine gets one thread

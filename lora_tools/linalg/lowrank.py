@@ -7,6 +7,8 @@ O(out·in·min(out, in)) of a dense SVD, and no out x in matrix is ever allocate
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,3 +71,17 @@ def single_threaded() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def idle_threads(limit: int | None = None) -> int:
+    """Threads for one large dense problem (merge's TIES/DARE SVDs, extract's): the cores other work leaves idle
+    (1-minute load average, less this process), at most ``limit`` (default torch's setting, which honours
+    OMP_NUM_THREADS). A thread waiting for a busy core holds up the others at every OpenMP barrier: on a shared
+    2-core machine under load, two threads made a 2304 x 768 SVD twice as slow as one."""
+    limit = torch.get_num_threads() if limit is None else limit
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        others = max(0.0, os.getloadavg()[0] - 1.0)  # this process is one of the runnable tasks
+    except (AttributeError, OSError):  # no load average on this platform
+        others = 0.0
+    return max(1, min(limit, cores - math.floor(others)))

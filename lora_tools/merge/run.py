@@ -15,8 +15,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
-import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ from lora_tools.convert.run import alignment_keys
 from lora_tools.errors import InvalidOptionError, ModuleMismatchError, UnsupportedAdapterError
 from lora_tools.formats import peft
 from lora_tools.linalg import LowRankSVD, lowrank_svd, single_threaded
+from lora_tools.linalg.lowrank import idle_threads
 from lora_tools.linalg.products import lowrank_fro_norm, lowrank_inner, stack_factors, subspace_similarity
 from lora_tools.linalg.truncate import RankRule
 from lora_tools.merge import heads as head_rules
@@ -145,19 +144,6 @@ def _output_config(first: Adapter, names: list[str], heads: head_rules.HeadsChoi
                    "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}})
     heads.warnings.extend(head_rules.output_config(config, heads))
     return config
-
-
-def idle_threads() -> int:
-    """Threads for one large dense problem: the cores not busy with other work (1-minute load average, less
-    this process), at most torch's setting (which honours OMP_NUM_THREADS). On a shared 2-core machine under
-    load 4, two threads made a 2304 x 768 SVD twice as slow as one, so a busy machine gets one."""
-    limit = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        others = max(0.0, os.getloadavg()[0] - 1.0)  # this process is one of the runnable tasks
-    except OSError:  # no load average on this platform
-        others = 0.0
-    return max(1, min(limit, cores - math.floor(others)))
 
 
 @contextmanager
