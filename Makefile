@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/loratools inspect
 	$(VENV)/bin/loratools spectrum --plot reports/example/spectrum.png --force --quiet > /dev/null
-	$(VENV)/bin/loratools compare-quant --report reports/example --force
-	@echo "wrote reports/example/ (report.md, report.json, plots)"
+	$(VENV)/bin/loratools compare-quant --end-to-end --report reports/example --force
+	$(VENV)/bin/loratools compare-quant --example llm --report reports/example-llm --force
+	@echo "wrote reports/example/ (MiniLM) and reports/example-llm/ (SmolLM2): report.md, report.json, plots"
 
 test: $(STAMP)
 	$(PY) -m ruff check lora_tools tests benchmarks scripts

@@ -50,7 +50,7 @@ from lora_tools.cli._common import (
               help="Recommend the fewest bytes whose mean per-token KL to the adapter is at most X (nats).")
 @click.option("--budget", type=int, default=None, metavar="BYTES",
               help="Recommend the smallest KL (1 − cos for encoders) within BYTES of stored adapter.")
-@click.option("--e2e-tokens", type=click.IntRange(min=1), default=2048, show_default=True,
+@click.option("--e2e-tokens", type=click.IntRange(min=1), default=512, show_default=True,
               help="Held-out tokens run through the full model for every variant.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Write report.md, report.json and PNG plots to DIR.")

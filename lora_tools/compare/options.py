@@ -33,7 +33,7 @@ class CompareOptions:
     end_to_end: bool | None = None
     max_kl: float | None = None
     budget: int | None = None
-    e2e_tokens: int | None = 2048  # held-out tokens run through the full model per variant (None: all)
+    e2e_tokens: int | None = 512  # held-out tokens run through the full model per variant (None: all)
     e2e_batch_size: int = 8
 
 
