@@ -39,8 +39,9 @@ from lora_tools.cli._common import (
               help="dtype of the written factors.")
 @click.option("--allow-nonfinite", is_flag=True, help="Copy modules with NaN/Inf factors unchanged instead of failing.")
 @click.option("--base", type=click.Path(path_type=Path), default=None, metavar="MODEL",
-              help="Activation-aware: a local transformers model folder to run (default with --calib: the "
-                   "adapter's base_model_name_or_path when it resolves locally).")
+              help="Activation-aware: the base model to run: a local transformers folder, a .gguf model file, or "
+                   "a Hub id in the local cache (default with --calib: the adapter's base_model_name_or_path, "
+                   "resolved the same way).")
 @click.option("--calib", default=None, metavar="FILE",
               help="Activation-aware: plain-text calibration file (blank-line-separated documents), or "
                    "'bundled' for the bundled corpus. Minimises the error on layer outputs instead of ‖ΔW − ΔŴ‖.")

@@ -108,6 +108,7 @@ class CompareJob:
     counts: TokenCounts | None = None  # set by prepare_compare, after the token check
     end_to_end: bool = False  # set by prepare_compare (compare.whole_model.planned)
     end_to_end_skipped: str | None = None  # why end-to-end evaluation does not run, when it does not
+    end_to_end_metric: str = "kl"  # "kl" (causal LM) or "cosine" (encoder), set with end_to_end
     base_note: str | None = None  # what a report must say about the base (e.g. its weights were 4-bit)
 
     @property

@@ -49,6 +49,7 @@ def planned(job: Any) -> tuple[bool, str | None]:
         return False, str(exc)
     if wanted is None and metric != "kl":
         return False, "encoder base: pass --end-to-end for pooled-embedding cosine"
+    job.end_to_end_metric = metric
     if job.options.max_kl is not None and metric != "kl":
         raise InvalidOptionError("--max-kl needs a causal LM (next-token KL); this base gives pooled embeddings "
                                  "(1 − cos): use --budget, or read the cosine table")
@@ -57,9 +58,11 @@ def planned(job: Any) -> tuple[bool, str | None]:
 
 def evaluation_sequences(job: Any) -> list[list[int]]:
     """The held-out sequences (the calibration ones when --holdout 0 asked for an in-sample run), cut to the
-    first ``options.e2e_tokens`` tokens so that the many full-model forwards stay affordable on a CPU."""
+    first ``options.e2e_tokens`` tokens so that the many full-model forwards of a causal LM stay affordable on a
+    CPU. An encoder gives one pooled embedding per sequence, so it gets every sequence (a p99 over a handful of
+    sequences would mean nothing, and encoder forwards are cheap next to an LM head)."""
     sequences = job.holdout_sequences or job.calib_sequences
-    limit = job.options.e2e_tokens
+    limit = job.options.e2e_tokens if getattr(job, "end_to_end_metric", "kl") == "kl" else None
     chosen, total = [], 0
     for sequence in sequences:
         if limit is not None and total >= limit:
