@@ -73,17 +73,6 @@ def render_convert_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render_extract_table(report: dict[str, Any]) -> str:
-    rows = [[r["name"], "x".join(map(str, r["shape"])), r["rank"], _num(r["retained_energy"], 6),
-             _num(r["rel_fro_error"], 4), r["method"]] for r in report["modules"]]
-    lines = [tabulate(rows, headers=["module", "shape", "rank", "retained energy", "rel. error", "svd"],
-                      tablefmt="simple", disable_numparse=True), "",
-             f"selection: {report['selection']}; {report['num_modules']} module(s) differ, "
-             f"{report['num_unchanged']} identical, {report['num_skipped']} not linear (skipped)"]
-    lines += [f"warning: {w}" for w in report["warnings"]]
-    return "\n".join(lines)
-
-
 def render_fold_report(report: dict[str, Any]) -> str:
     lines = [f"folded {report['num_modules']} module(s) of {report['adapter']} into {report['base']} -> "
              f"{report['output']} ({report['num_tensors']} tensors, {report['num_copied']} copied unchanged)"]
