@@ -16,7 +16,9 @@ import argparse
 import importlib
 import inspect
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 # General-purpose modules with prose-rich docstrings (a fixed list: the corpus must not drift).
 MODULES = sorted("""
@@ -31,28 +33,33 @@ MIN_CHARS = 200
 PER_MODULE_BYTES = 6_000  # so that the first modules do not fill the whole budget
 
 
+def docstring_texts(module_name: str) -> Iterator[str]:
+    """The docstrings of a module, its public classes, their public methods and its public functions, in that
+    fixed order, each with blank lines dropped and trailing spaces stripped (also used by train_llm_example.py)."""
+    module = importlib.import_module(module_name)
+    objects: list[Any] = [module]
+    for name, member in sorted(vars(module).items()):
+        if name.startswith("_") or getattr(member, "__module__", module_name) != module_name:
+            continue
+        if inspect.isclass(member):
+            objects.append(member)
+            objects += [m for n, m in sorted(vars(member).items())
+                        if not n.startswith("_") and (inspect.isfunction(m) or inspect.ismethoddescriptor(m))]
+        elif inspect.isfunction(member):
+            objects.append(member)
+    for obj in objects:
+        doc = inspect.getdoc(obj)
+        if doc:
+            yield "\n".join(line.rstrip() for line in doc.splitlines() if line.strip())
+
+
 def documents(max_bytes: int) -> list[str]:
     seen: set[str] = set()
     kept: list[str] = []
     size = 0
     for module_name in MODULES:
-        module = importlib.import_module(module_name)
-        objects = [module]
-        for name, member in sorted(vars(module).items()):
-            if name.startswith("_") or getattr(member, "__module__", module_name) != module_name:
-                continue
-            if inspect.isclass(member):
-                objects.append(member)
-                objects += [m for n, m in sorted(vars(member).items())
-                            if not n.startswith("_") and (inspect.isfunction(m) or inspect.ismethoddescriptor(m))]
-            elif inspect.isfunction(member):
-                objects.append(member)
         module_size = 0
-        for obj in objects:
-            doc = inspect.getdoc(obj)
-            if not doc:
-                continue
-            text = "\n".join(line.rstrip() for line in doc.splitlines() if line.strip())
+        for text in docstring_texts(module_name):
             if len(text) < MIN_CHARS or text in seen:
                 continue
             seen.add(text)

@@ -18,8 +18,6 @@ Usage: ``.venv/bin/python scripts/train_llm_example.py [--out DIR] [--steps N] [
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 import math
 import os
@@ -43,6 +41,9 @@ sys.path.insert(0, str(ROOT))
 from lora_tools.capture import read_documents, tokenize_documents  # noqa: E402
 from lora_tools.data import DATA_DIR, calib_corpus_path  # noqa: E402
 from lora_tools.model.smollm2 import HUB_ID, NOTE, bundled_gguf_path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from build_calib_corpus import docstring_texts  # noqa: E402
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA, LR, WARMUP, BATCH, BLOCK, SEED = 8, 16, 2e-3, 4, 8, 128, 0
@@ -68,23 +69,8 @@ def build_train_corpus(path: Path) -> None:
     kept: list[str] = []
     size = 0
     for module_name in TRAIN_MODULES:
-        module = importlib.import_module(module_name)
-        objects: list[Any] = [module]
-        for name, member in sorted(vars(module).items()):
-            if name.startswith("_") or getattr(member, "__module__", module_name) != module_name:
-                continue
-            if inspect.isclass(member):
-                objects.append(member)
-                objects += [m for n, m in sorted(vars(member).items())
-                            if not n.startswith("_") and (inspect.isfunction(m) or inspect.ismethoddescriptor(m))]
-            elif inspect.isfunction(member):
-                objects.append(member)
         module_size = 0
-        for obj in objects:
-            doc = inspect.getdoc(obj)
-            if not doc:
-                continue
-            text = "\n".join(line.rstrip() for line in doc.splitlines() if line.strip())
+        for text in docstring_texts(module_name):
             # read_documents joins whitespace, so compare in that form to keep train and held-out disjoint
             if len(text) < MIN_CHARS or text in seen or " ".join(text.split()) in held_out:
                 continue
