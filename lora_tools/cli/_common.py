@@ -20,7 +20,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 force_option = click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 # The readers' names (lora_tools.formats.FORMATS), listed here so that `--help` needs no import of the readers.
-INPUT_FORMATS = ["peft", "kohya", "diffusers", "lora_diffusion", "lycoris", "peft_lycoris"]
+INPUT_FORMATS = ["peft", "kohya", "diffusers", "lora_diffusion", "lycoris", "peft_lycoris", "gguf"]
 format_option = click.option("--format", "format_", type=click.Choice(INPUT_FORMATS),
                              default=None, help="Input format (default: detected).")
 EXAMPLES = {"minilm": "all-MiniLM-L6-v2 encoder, r=16", "llm": "SmolLM2-135M-Instruct, r=8, all seven linear kinds"}

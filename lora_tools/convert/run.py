@@ -22,6 +22,8 @@ import torch
 
 from lora_tools.adapter import Adapter, LoraModule
 from lora_tools.builder import AdapterBuilder, factor_keys
+from lora_tools.convert.group_factors import build_group, group_differences, group_mapping
+from lora_tools.convert.image_plan import LayerGroup, LayerPlan, plan_layers
 from lora_tools.convert.names import (
     META_PEFT_CONFIG,
     Canonical,
@@ -61,6 +63,8 @@ class ConvertPlan:
     mapping: dict[str, str]  # input module name -> output module name
     name_source: str
     warnings: list[str] = field(default_factory=list)
+    # image models: fused <-> split layers and row swaps (convert/image_plan.py), beside the 1:1 ``mapping``
+    groups: list[LayerGroup] = field(default_factory=list)
 
 
 _CONVERT_HINT = ("pass --base MODEL (the base model's folder or a safetensors file of its weights), or "
@@ -76,6 +80,8 @@ def canonical_names(adapter: Adapter, *, base: Path | None, prefix: str | None, 
         return {n: from_peft(n, prefix) for n in adapter.modules}, "PEFT module paths", warnings
     if adapter.format == "diffusers":
         return {n: from_diffusers(n) for n in adapter.modules}, "diffusers module paths", warnings
+    if adapter.format == "gguf":  # module names already mapped back from GGUF tensor names by the reader
+        return {n: from_peft(n, prefix) for n in adapter.modules}, "GGUF tensor names (gguf name map)", warnings
     if adapter.format != "kohya":
         first = next(iter(adapter.modules), "?")
         raise UnsupportedAdapterError(
@@ -114,9 +120,10 @@ def canonical_names(adapter: Adapter, *, base: Path | None, prefix: str | None, 
 
 
 def output_names(canonical: dict[str, Canonical], to: str, prefix: str | None,
-                 adapter: Adapter) -> dict[str, str]:
-    """Input module name -> output module name (PEFT output holds one model: one component)."""
-    if to == adapter.format:
+                 adapter: Adapter, keep_names: bool = True) -> dict[str, str]:
+    """Input module name -> output module name (PEFT output holds one model: one component); within one format
+    names stay as they are unless ``keep_names`` is off (an image adapter changing naming)."""
+    if keep_names and to == adapter.format:
         return {n: n for n in canonical}
     if to == "kohya":
         has_te2 = any(c.component == "te2" for c in canonical.values())
@@ -175,8 +182,14 @@ def plan_conversion(adapter: Adapter, to: str, *, base: Path | None = None, pref
     prefix = parse_prefix(prefix)
     canonical, name_source, warnings = canonical_names(adapter, base=base, prefix=prefix,
                                                        allow_partial=allow_partial)
-    mapping = output_names(canonical, to, prefix, adapter)
-    dropped = len(adapter.modules) - len(mapping)
+    layer_plan = plan_layers(adapter, canonical, to, allow_partial)
+    if layer_plan is not None:
+        canonical = _with_layer_plan(canonical, layer_plan)
+        warnings += layer_plan.warnings
+        name_source += f" ({layer_plan.family.name} layer tables)"
+    mapping = output_names(canonical, to, prefix, adapter, keep_names=layer_plan is None)
+    groups = _take_group_names(mapping, layer_plan)
+    dropped = len(adapter.modules) - len(mapping) - sum(n is not None for g in groups for n in g.inputs)
     if dropped and not warnings:
         warnings.append(f"{dropped} module(s) of other components not converted (--prefix {prefix})")
     recorded_config = _recorded_config(adapter) if to == "peft" else None
@@ -203,10 +216,48 @@ def plan_conversion(adapter: Adapter, to: str, *, base: Path | None = None, pref
             key = module.magnitude_key if to == adapter.format else f"{peft.PREFIX}{out_name}.lora_magnitude_vector"
             builder.tensors[key] = adapter.source.get(module.magnitude_key)
             new.magnitude_key = key
+    for group in groups:
+        for name in group.inputs:
+            if name is not None:
+                _check_convertible(adapter, adapter.modules[name], to)
+        for out in build_group(adapter, group):
+            rank = out.A.shape[0]
+            alpha_tensor = None if to == "peft" or (to == "diffusers" and out.scale == 1.0) else \
+                torch.tensor(out.scale * rank, dtype=torch.float32)
+            builder.add_module(out.name, out.kind, out.B, out.A, scale=out.scale, alpha=out.scale * rank,
+                               keys=factor_keys(to, out.name, out.kind), alpha_tensor=alpha_tensor)
     for info in adapter.extra_tensors:
         builder.add_tensor(info.key, adapter.source.get(info.key))
     converted = builder.build()
-    return ConvertPlan(converted, mapping, name_source, warnings)
+    return ConvertPlan(converted, mapping, name_source, warnings, groups)
+
+
+_GROUP_KEY = "\0group"  # stands for a group's output while output_names spells it (no module is named so)
+
+
+def _with_layer_plan(canonical: dict[str, Canonical], layer_plan: LayerPlan) -> dict[str, Canonical]:
+    """The canonical names with renames applied and each group's inputs replaced by its outputs."""
+    grouped = {name for group in layer_plan.groups for name in group.inputs}
+    result = {n: c for n, c in canonical.items() if n not in grouped}
+    result.update(layer_plan.renames)
+    for i, group in enumerate(layer_plan.groups):
+        for j, out in enumerate(group.outputs):
+            result[f"{_GROUP_KEY}{i}.{j}"] = out
+    return result
+
+
+def _take_group_names(mapping: dict[str, str], layer_plan: LayerPlan | None) -> list[LayerGroup]:
+    """Move the groups' spelled output names out of ``mapping``; groups --prefix left out are dropped."""
+    if layer_plan is None:
+        return []
+    kept = []
+    for i, group in enumerate(layer_plan.groups):
+        keys = [f"{_GROUP_KEY}{i}.{j}" for j in range(len(group.outputs))]
+        names = [mapping.pop(key) for key in keys if key in mapping]
+        if names:
+            group.out_names = names
+            kept.append(group)
+    return kept
 
 
 def _check_convertible(adapter: Adapter, module: LoraModule, to: str) -> None:
@@ -248,11 +299,18 @@ def _output_metadata(adapter: Adapter, to: str, mapping: dict[str, str]) -> dict
 
 
 @torch.no_grad()
-def verify(original: Adapter, written: Adapter, mapping: dict[str, str]) -> dict[str, Any]:
+def verify(original: Adapter, written: Adapter, mapping: dict[str, str],
+           groups: list[LayerGroup] | None = None) -> dict[str, Any]:
     """Compare every module of ``written`` (read back from disk) with ``original``; raise on any loss."""
     bit_exact = 0
     worst = 0.0
     worst_module = None
+    expected = set(mapping.values())
+    for group in groups or []:
+        expected.update(group.out_names)
+        for name, diff in group_differences(original, written, group):
+            if diff > worst or math.isnan(diff):
+                worst, worst_module = diff, name
     for name, out_name in mapping.items():
         module = original.modules[name]
         if out_name not in written.modules:
@@ -275,8 +333,8 @@ def verify(original: Adapter, written: Adapter, mapping: dict[str, str]) -> dict
             diff = relative_difference(out.scale * B2, A2, module.scale * B, A)
         if diff > worst or math.isnan(diff):
             worst, worst_module = diff, name
-    if len(written.modules) != len(mapping):
-        extra = sorted(set(written.modules) - set(mapping.values()))
+    if not set(written.modules) <= expected:
+        extra = sorted(set(written.modules) - expected)
         raise VerificationError(f"verification failed: the output has {len(extra)} unexpected module(s), e.g. "
                                 f"{extra[:1]}")
     if not worst <= MAX_REL_DIFFERENCE:
@@ -303,33 +361,42 @@ def check_finite(adapter: Adapter, names: Any) -> None:
 
 def convert(source: Path, output: Path, to: str, *, base: Path | None = None, prefix: str | None = None,
             allow_partial: bool = False, force: bool = False, input_format: str | None = None,
-            allow_nonfinite: bool = False) -> dict[str, Any]:
+            allow_nonfinite: bool = False, dtype: str | None = None) -> dict[str, Any]:
     """Convert the adapter at ``source`` to ``to`` at ``output`` (verified before it is moved into place)."""
     from lora_tools.atomic import check_not_input, check_output, move_into_place
     from lora_tools.formats import load_adapter
 
+    if to == "gguf":  # llama.cpp LoRA: names, layout and scales for a base model (convert/to_gguf.py)
+        from lora_tools.convert.to_gguf import convert_to_gguf
+
+        return convert_to_gguf(source, output, base=base, dtype=dtype, prefix=prefix, allow_partial=allow_partial,
+                               force=force, input_format=input_format, allow_nonfinite=allow_nonfinite)
     if to not in TARGETS:
         raise InvalidOptionError(f"unknown --to {to!r}; choose one of {', '.join(TARGETS)}")
     adapter = load_adapter(source, input_format)
     inputs = tuple(p for p in (source, adapter.weights_path) if p is not None)
     check_not_input(output, inputs)
     check_output(output, force, inputs)
+    if adapter.format == "gguf" and base is not None:
+        from lora_tools.convert.to_gguf import check_same_arch
+
+        check_same_arch(adapter, base)
     plan = plan_conversion(adapter, to, base=base, prefix=prefix, allow_partial=allow_partial)
     if not allow_nonfinite:
-        check_finite(adapter, plan.mapping)
+        check_finite(adapter, [*plan.mapping, *(n for g in plan.groups for n in g.inputs if n is not None)])
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".convert", dir=output.parent))
     try:
         staged = staging / output.name
         FORMATS[to].write(plan.adapter, staged)
         written = FORMATS[to].read(staged)
-        checks = verify(adapter, written, plan.mapping)
+        checks = verify(adapter, written, plan.mapping, plan.groups)
         move_into_place(staged, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {
         "input": str(source), "input_format": adapter.format, "output": str(output), "output_format": to,
-        "num_modules": len(plan.mapping), "name_source": plan.name_source, **checks,
-        "mapping": plan.mapping, "warnings": plan.warnings + list(written.warnings),
+        "num_modules": len(written.modules), "name_source": plan.name_source, **checks,
+        "mapping": {**plan.mapping, **group_mapping(plan.groups)}, "warnings": plan.warnings + list(written.warnings),
     }
 
 

@@ -11,7 +11,7 @@ from types import ModuleType
 
 from lora_tools.adapter import Adapter
 from lora_tools.errors import AdapterFormatError, InvalidOptionError
-from lora_tools.formats import diffusers, kohya, lora_diffusion, lycoris, peft, peft_lycoris
+from lora_tools.formats import diffusers, gguf_lora, kohya, lora_diffusion, lycoris, peft, peft_lycoris
 from lora_tools.formats.common import refuse_non_lora
 from lora_tools.tensorfile import open_tensor_file
 
@@ -20,7 +20,8 @@ FORMATS: dict[str, ModuleType] = {"peft": peft, "kohya": kohya, "diffusers": dif
                                    "lora_diffusion": lora_diffusion}
 # Structured updates read as exact LoRA (issue 10); their adapters report the naming they use (kohya, peft).
 FORMATS.update({"lycoris": lycoris, "peft_lycoris": peft_lycoris})
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+FORMATS["gguf"] = gguf_lora  # llama.cpp GGUF LoRA (issue 11); detected by its magic, not by tensor names
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 def _weights_in_folder(path: Path) -> Path:
@@ -48,6 +49,8 @@ def resolve(path: Path) -> tuple[Path, str]:
         path = _weights_in_folder(path)
     if peft.sniff(path):
         return path, "peft_lycoris" if peft_lycoris.sniff(path) else "peft"
+    if gguf_lora.sniff(path):
+        return path, "gguf"
     keys = list(open_tensor_file(path).infos())
     if lycoris.sniff_keys(keys):  # LyCORIS tensors (hada_*, lokr_*, lora_mid, .diff, norm diffs)
         return path, "lycoris"

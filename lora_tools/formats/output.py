@@ -14,6 +14,7 @@ from lora_tools.errors import InvalidOptionError
 
 FOLDER_FORMATS = frozenset({"peft"})
 FILE_SUFFIX = ".safetensors"
+FORMAT_SUFFIX = {"gguf": ".gguf"}  # llama.cpp GGUF LoRA
 # Suffixes that name a single weights file: never a good name for a folder output.
 _FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 
@@ -33,13 +34,15 @@ def output_path(path: Path, format: str) -> tuple[Path, str | None]:
                 f"name ends in {path.suffix}; give a folder name such as {path.with_suffix('')}, or --to kohya / "
                 "--to diffusers for a single .safetensors file")
         return path, None
-    if suffix == FILE_SUFFIX:
+    wanted = FORMAT_SUFFIX.get(format, FILE_SUFFIX)
+    container = "GGUF" if wanted == ".gguf" else "safetensors"
+    if suffix == wanted:
         return path, None
     if suffix in _FILE_SUFFIXES:
-        raise InvalidOptionError(f"{path}: {format} output is written as safetensors; name it "
-                                 f"{path.with_suffix(FILE_SUFFIX)}")
+        raise InvalidOptionError(f"{path}: {format} output is written as {container}; name it "
+                                 f"{path.with_suffix(wanted)}")
     if path.is_dir():
-        raise InvalidOptionError(f"{path}: is a folder, but a {format} adapter is one .safetensors file; give a file "
-                                 f"name such as {path / ('adapter' + FILE_SUFFIX)}")
-    named = path.with_name(path.name + FILE_SUFFIX)
-    return named, f"writing {named} ({format} adapters are single .safetensors files)"
+        raise InvalidOptionError(f"{path}: is a folder, but a {format} adapter is one {wanted} file; give a file "
+                                 f"name such as {path / ('adapter' + wanted)}")
+    named = path.with_name(path.name + wanted)
+    return named, f"writing {named} ({format} adapters are single {wanted} files)"

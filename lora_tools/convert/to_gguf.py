@@ -1,0 +1,126 @@
+"""``convert --to gguf``: any adapter -> a llama.cpp GGUF LoRA for its base, verified before it is moved into place.
+
+Module names become the base's GGUF tensor names through gguf's own name map (kohya names are first resolved to
+module paths as for any conversion); q/k B rows are permuted for Llama-family bases; scales llama.cpp cannot hold
+are baked into B (formats/gguf_write.py). The file is written to a staging path, read back with our GGUF reader
+(which undoes the permutation and dequantizes) and compared module by module with the input: factors bit for bit
+where nothing was baked or cast, else the relative difference of the dense update scale·B·A against a bound set
+by the storage type (the rounding of one element of that type, with room for accumulation).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_tools.adapter import Adapter
+from lora_tools.convert.run import VerificationError, canonical_names, check_finite
+from lora_tools.formats import gguf_lora, gguf_write
+from lora_tools.linalg.products import relative_difference
+
+# Bound on the relative ΔW difference per stored type: exact float32 still moves by the rounding of a baked scale.
+TOLERANCE = {"F32": 1e-6, "F16": 2e-3, "BF16": 1.6e-2, "Q8_0": 1.6e-2}
+
+
+@torch.no_grad()
+def verify_gguf(original: Adapter, written: Adapter, names: dict[str, str]) -> dict[str, Any]:
+    """Compare every module of ``written`` (read back) with ``original``; raise VerificationError on any loss."""
+    bit_exact = 0
+    worst, worst_module = 0.0, None
+    if len(written.modules) != len(names):
+        raise VerificationError(f"verification failed: {len(written.modules)} module(s) read back, "
+                                f"{len(names)} written")
+    for name in names:
+        if name not in written.modules:
+            raise VerificationError(f"verification failed: module {name} is missing from the output")
+        module, out = original.modules[name], written.modules[name]
+        if out.kind != module.kind:
+            raise VerificationError(f"verification failed: module {name} is {module.kind} in the input but "
+                                    f"{out.kind} in the output")
+        B, A = original.factors(name, torch.float64)
+        B2, A2 = written.factors(name, torch.float64)
+        if out.scale == module.scale and torch.equal(B, B2) and torch.equal(A, A2):
+            bit_exact += 1
+            continue
+        diff = relative_difference(out.scale * B2, A2, module.scale * B, A)
+        stored = {written.source.stored_type(out.a_info.key), written.source.stored_type(out.b_info.key)}
+        bound = max(TOLERANCE.get(t, TOLERANCE["Q8_0"]) for t in stored)
+        if not diff <= bound:
+            raise VerificationError(f"verification failed: module {name} ({names[name]}): the rebuilt ΔW differs "
+                                    f"from the input by {diff:.3g} (relative, bound {bound:g} for "
+                                    f"{'/'.join(sorted(stored))}); nothing written")
+        if diff > worst:
+            worst, worst_module = diff, name
+    return {"bit_exact_modules": bit_exact, "max_rel_difference": worst, "worst_module": worst_module}
+
+
+def convert_to_gguf(source: Path, output: Path, *, base: Path | str | None = None, dtype: str | None = None,
+                    prefix: str | None = None, allow_partial: bool = False, force: bool = False,
+                    input_format: str | None = None, allow_nonfinite: bool = False) -> dict[str, Any]:
+    """Convert the adapter at ``source`` to a GGUF LoRA at ``output`` for ``base`` (default: the adapter's)."""
+    from lora_tools.atomic import check_not_input, check_output, move_into_place
+    from lora_tools.formats import load_adapter
+
+    gguf_write.parse_dtype(dtype)  # a bad --dtype fails before anything is read
+    adapter = load_adapter(source, input_format)
+    inputs = tuple(p for p in (source, adapter.weights_path) if p is not None)
+    check_not_input(output, inputs)
+    check_output(output, force, inputs)
+    if adapter.format == "gguf" and base is not None:
+        check_same_arch(adapter, base)
+    gguf_base = gguf_write.base_of(adapter, base)
+    if adapter.format == "gguf":
+        paths, name_source, warnings = {n: n for n in adapter.modules}, "GGUF file", []
+    else:
+        canonical, name_source, warnings = canonical_names(adapter, base=None, prefix=prefix,
+                                                           allow_partial=allow_partial)
+        paths = {n: c.path for n, c in canonical.items()}
+    names, kinds, more = gguf_write.map_names(adapter, gguf_base, paths, allow_partial=allow_partial)
+    warnings += more
+    if not allow_nonfinite:
+        check_finite(adapter, names)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".convert", dir=output.parent))
+    try:
+        staged = staging / output.name
+        written = gguf_write.write_gguf(adapter, staged, base=gguf_base, dtype=dtype, names=names, kinds=kinds)
+        readback = gguf_lora.read(staged)
+        checks = verify_gguf(adapter, readback, names)
+        move_into_place(staged, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if written.fallbacks:
+        example = written.fallbacks[0]
+        warnings.append(f"{len(written.fallbacks)} tensor(s) written as F16, not Q8_0: their rows are not a "
+                        f"multiple of 32 values (e.g. {example})")
+    if written.baked:
+        warnings.append(f"{len(written.baked)} module(s) have a scale llama.cpp's single alpha/r cannot express "
+                        f"(rank/alpha patterns, rsLoRA): the factor was multiplied into B (e.g. "
+                        f"{next(iter(written.baked))} x{next(iter(written.baked.values())):.6g})")
+    return {
+        "input": str(source), "input_format": adapter.format, "output": str(output), "output_format": "gguf",
+        "num_modules": len(names), "name_source": f"{name_source} -> gguf {gguf_base.arch} tensor names "
+        f"(base: {gguf_base.source})", **checks, "mapping": names,
+        "gguf": {"architecture": gguf_base.arch, "alpha": written.alpha, "types": dict(written.types),
+                 "baked_modules": len(written.baked), "permuted_modules": len(written.permuted),
+                 "q8_0_fallbacks": written.fallbacks},
+        "warnings": warnings + list(readback.warnings),
+    }
+
+
+def check_same_arch(adapter: Adapter, base: Path | str) -> None:
+    """A GGUF LoRA used with ``--base``: the architectures must agree, as llama.cpp requires."""
+    from lora_tools.errors import BaseModelError
+    from lora_tools.formats.gguf_names import resolve_base
+
+    if adapter.format != "gguf":
+        return
+    arch = adapter.metadata.get("general.architecture")
+    target = resolve_base(base, None, str(adapter.path))
+    if arch != target.arch:
+        raise BaseModelError(f"{adapter.path}: this GGUF LoRA is for architecture {arch!r} but --base {base} is "
+                             f"{target.arch!r} ({target.source}); llama.cpp refuses the pair (model arch and LoRA "
+                             "arch mismatch)")
