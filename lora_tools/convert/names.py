@@ -68,7 +68,13 @@ def parse_prefix(prefix: str | None) -> str | None:
     return prefix
 
 
+# ComfyUI's prefix of the denoiser's own layer names (Flux BFL, Wan): the kohya "unet" component.
+COMFY_PREFIX = "diffusion_model."
+
+
 def from_diffusers(name: str) -> Canonical:
+    if name.startswith(COMFY_PREFIX):
+        return Canonical("unet", name[len(COMFY_PREFIX):])
     for component in ("unet", "te2", "te", "transformer"):
         prefix = DIFFUSERS_PREFIX[component]
         if name.startswith(prefix):
@@ -210,7 +216,7 @@ class NameIndex:
     """Flattened name -> real module paths, per component (None: a base model without components)."""
 
     by_component: dict[str | None, dict[str, set[str]]] = field(default_factory=dict)
-    source: str = "built-in SD UNet / CLIP lists"
+    source: str = "built-in SD UNet / CLIP lists"  # also SDXL (sgm), Flux and Wan layer names
 
     def add(self, component: str | None, paths: Iterable[str]) -> None:
         table = self.by_component.setdefault(component, {})
@@ -236,9 +242,13 @@ class NameIndex:
 
 
 def builtin_index() -> NameIndex:
+    from lora_tools.convert.image_models import original_paths, split_paths
+
     index = NameIndex()
     index.add("unet", builtin_unet_modules())
+    index.add("unet", original_paths("unet"))  # sgm SDXL, BFL Flux and Wan names, as kohya/ComfyUI spell them
     index.add("transformer", builtin_unet_modules())
+    index.add("transformer", split_paths("transformer"))
     for component in ("te", "te1", "te2"):
         index.add(component, builtin_clip_modules())
     return index

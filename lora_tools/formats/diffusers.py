@@ -5,7 +5,9 @@
   ``to_out.0``), usually without a component prefix, and its text-encoder counterpart
   ``text_encoder.<...>.self_attn.to_q_lora.down.weight`` (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``: the
   mapping diffusers' own loader applied to these files);
-* the PEFT-backed naming ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` without an adapter_config.json.
+* the PEFT-backed naming ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` without an adapter_config.json,
+  also ComfyUI's ``diffusion_model.<layer>`` (Flux/Wan in their own layer names) and XLabs' Flux
+  ``double_blocks.N.processor.qkv_lora1.down.weight``.
 
 Module names are canonical whatever the naming: the module path behind its component prefix, ``unet.`` for the
 processor naming and UNet block paths that have none (``names.canonical_diffusers_name``), so an old and a new file
@@ -42,11 +44,15 @@ _PROCESSOR = re.compile(r"^(?P<block>.+?)\.processor\.(?P<proj>[A-Za-z0-9_]+?)_l
 # diffusers <= 0.16 text-encoder keys: LoRA layers patched beside CLIP's projections, named after the UNet's.
 _OLD_TEXT = re.compile(r"^(?P<block>.+?\.self_attn)\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<role>down|up)\.weight$")
 _OLD_TEXT_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+# XLabs-AI x-flux Flux LoRA: <double|single>_blocks.N.processor.<qkv|proj>_lora[12].<down|up>.weight (optionally
+# behind ComfyUI's diffusion_model.); the module keeps its XLabs name (convert/image_models.py maps it).
+_XLABS = re.compile(r"^(?:diffusion_model\.)?(?P<module>(?:double|single)_blocks\.\d+\.processor\.(?:qkv|proj)_lora\d?)"
+                    r"\.(?P<role>down|up)\.weight$")
 _ALPHA = re.compile(r"^(?P<module>.+?)(?:\.lora|\.lora_linear_layer)?\.alpha$")
 
 
 def sniff_keys(keys: list[str]) -> bool:
-    if any(_NEW.match(k) or _PROCESSOR.match(k) or _OLD_TEXT.match(k) for k in keys):
+    if any(_NEW.match(k) or _PROCESSOR.match(k) or _OLD_TEXT.match(k) or _XLABS.match(k) for k in keys):
         return True
     # PEFT-named factors without PEFT's base_model.model. prefix (diffusers >= 0.26, ComfyUI/ai-toolkit exports)
     return any(".lora_A." in k or ".lora_B." in k or k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
@@ -55,6 +61,8 @@ def sniff_keys(keys: list[str]) -> bool:
 def module_name_of(key: str) -> tuple[str, str] | None:
     """(canonical module name, 'down'|'up') for a diffusers factor key: processor names mapped to module paths,
     the component prefix added where the key has none."""
+    if match := _XLABS.match(key):
+        return match["module"], match["role"]
     if match := _PROCESSOR.match(key):
         proj = match["proj"]
         proj = "to_out.0" if proj == "to_out" else proj
