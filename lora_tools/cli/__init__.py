@@ -21,6 +21,7 @@ COMMANDS = {
     "convert": ("lora_tools.cli.convert_cmd", "convert_command"),
     "fold": ("lora_tools.cli.fold_cmd", "fold_command"),
     "extract": ("lora_tools.cli.fold_cmd", "extract_command"),
+    "scan": ("lora_tools.cli.scan_cmd", "scan_command"),
 }
 
 SHORT_HELP = {
@@ -33,6 +34,7 @@ SHORT_HELP = {
     "convert": "Lossless, verified conversion between PEFT, kohya and diffusers.",
     "fold": "Fold an adapter into the base weights (W0 + s·B·A, like PEFT's merge_and_unload).",
     "extract": "Extract a LoRA adapter from a fine-tuned model: best rank-R approximation of W_ft − W0.",
+    "scan": "Audit (and right-size) thousands of adapters: JSON lines + report, local pool or Ray.",
 }
 
 
