@@ -25,6 +25,7 @@ from lora_tools.builder import AdapterBuilder, factor_keys
 from lora_tools.convert.group_factors import build_group, group_differences, group_mapping
 from lora_tools.convert.image_plan import LayerGroup, LayerPlan, plan_layers
 from lora_tools.convert.names import (
+    COMFY_PREFIX,
     META_PEFT_CONFIG,
     Canonical,
     NameIndex,
@@ -94,6 +95,10 @@ def canonical_names(adapter: Adapter, *, base: Path | None, prefix: str | None, 
     sources: set[str] = set()
     for name in adapter.modules:
         component, flat = split_kohya(name)
+        if name.startswith(COMFY_PREFIX):  # ComfyUI keeps the layer's dots: nothing to resolve
+            result[name] = Canonical("unet", name[len(COMFY_PREFIX):])
+            sources.add("ComfyUI layer names")
+            continue
         if name in recorded:
             original = recorded[name]
             result[name] = from_diffusers(original) if source_format == "diffusers" else \

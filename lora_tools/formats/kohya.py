@@ -33,7 +33,9 @@ NAME = "kohya"
 # "<name>.lora_down.weight" (sd-scripts) and the "<name>_lora_down.weight" spelling of some hand conversions.
 _KEY = re.compile(r"^(?P<module>.+?)[._](?P<role>lora_down|lora_up)\.weight$")
 _SIDE = re.compile(r"^(?P<module>.+?)\.(?P<role>alpha|dora_scale)$")
-_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_", "lora_")
+# "diffusion_model.": ComfyUI's LoRA extract, kohya tensors under the denoiser's dotted layer names (Flux, Wan)
+_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_", "lora_",
+             "diffusion_model.")
 
 
 def sniff_keys(keys: list[str]) -> bool:
