@@ -83,7 +83,7 @@ def plan_layers(adapter: Adapter, canonical: dict[str, Canonical], to: str,
         return None
     found_families = {family.name: family for family, _ in located.values()}
     if len(found_families) > 1:
-        raise ModuleMismatchError(f"{adapter.path}: holds layers of several models ({', '.join(found_families)}); "
+        raise ModuleMismatchError(f"{adapter.path}: holds layers of several models ({', '.join(sorted(found_families))}); "
                                   "convert one model's adapter at a time")
     family = next(iter(found_families.values()))
     target = family.kohya_naming if to == "kohya" else "diffusers"
