@@ -140,3 +140,26 @@ def test_killed_ray_worker_loses_and_duplicates_nothing(tmp_path: Path, ray_inst
     assert marker.exists()
     assert sorted(line["path"] for line in lines) == paths
     assert all(line["error"] is None for line in lines)
+
+
+def test_ray_adapter_that_kills_every_worker_is_the_only_error_line(tmp_path: Path, ray_instance: Any) -> None:
+    """Adapters travel in chunks; a chunk whose worker keeps dying is retried adapter by adapter, so only the
+    adapter that kills its worker becomes an error line."""
+    from lora_tools.scan.discover import discover
+    from lora_tools.scan.ray_engine import chunk_size, run_ray
+
+    paths = make_fleet(tmp_path / "fleet", 40, modules=1)
+    assert chunk_size(40, 2) > 1
+    tasks = discover([str(tmp_path / "fleet")]).tasks
+    lines: dict[str, dict[str, Any]] = {}
+
+    def record(index: int, line: dict[str, Any]) -> None:
+        assert tasks[index].path not in lines  # never twice
+        lines[tasks[index].path] = line
+
+    run_ray(tasks, ScanOptions(), record, func=functools.partial(kill_worker, str(tmp_path / "k"), True),
+            max_retries=1)
+    assert sorted(lines) == paths
+    errors = [path for path, line in lines.items() if line["error"]]
+    assert errors == [str(tmp_path / "fleet" / "victim")]
+    assert "Ray worker died" in lines[errors[0]]["error"]

@@ -13,6 +13,7 @@ adapter paths (a shared file system) and have loratools installed.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import Any
 
 from lora_tools.errors import InvalidOptionError
@@ -23,7 +24,7 @@ from lora_tools.scan.worker import ScanOptions, error_line, error_message, scan_
 logger = logging.getLogger(__name__)
 
 MAX_RETRIES = 3
-TASKS_PER_CPU = 4  # in flight per cluster CPU: enough to hide scheduling latency, bounded for memory
+TASKS_PER_CPU = 2  # Ray tasks in flight per cluster CPU: enough to hide scheduling latency, bounded for memory
 
 
 def _import_ray() -> Any:
@@ -34,9 +35,16 @@ def _import_ray() -> Any:
     return ray
 
 
-def _run_task(func: ScanFunction, task: ScanTask, options: ScanOptions) -> dict[str, Any]:
+def _run_chunk(func: ScanFunction, tasks: list[ScanTask], options: ScanOptions) -> list[dict[str, Any]]:
     worker_init()  # cheap after the first call in a worker process
-    return func(task, options)
+    return [func(task, options) for task in tasks]
+
+
+def chunk_size(count: int, cpus: int) -> int:
+    """Adapters per Ray task: one each for small scans; for large ones enough that a task lasts about a second
+    (a Ray task costs ~1 ms to schedule, an adapter ~10-100 ms to scan), while leaving every CPU at least 8
+    tasks to balance the load."""
+    return max(1, min(16, count // max(1, cpus * 8)))
 
 
 def run_ray(tasks: list[ScanTask], options: ScanOptions, on_result: ResultCallback, address: str | None = None,
@@ -62,25 +70,31 @@ def run_ray(tasks: list[ScanTask], options: ScanOptions, on_result: ResultCallba
 def _submit_all(ray: Any, tasks: list[ScanTask], options: ScanOptions, on_result: ResultCallback,
                 func: ScanFunction, max_retries: int) -> None:
     # retry_exceptions=False: func returns error lines for bad adapters; only a lost worker is worth a retry.
-    remote = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=False)(_run_task)
-    window = max(2, int(ray.cluster_resources().get("CPU", 1)) * TASKS_PER_CPU)
+    remote = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=False)(_run_chunk)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    size = chunk_size(len(tasks), cpus)
+    chunks = deque(list(range(start, min(start + size, len(tasks)))) for start in range(0, len(tasks), size))
+    window = max(2, cpus * TASKS_PER_CPU)
     func_ref, options_ref = ray.put(func), ray.put(options)
-    next_index = 0
-    in_flight: dict[Any, int] = {}
+    in_flight: dict[Any, list[int]] = {}
     try:
-        while next_index < len(tasks) or in_flight:
-            while next_index < len(tasks) and len(in_flight) < window:
-                in_flight[remote.remote(func_ref, tasks[next_index], options_ref)] = next_index
-                next_index += 1
+        while chunks or in_flight:
+            while chunks and len(in_flight) < window:
+                indices = chunks.popleft()
+                in_flight[remote.remote(func_ref, [tasks[i] for i in indices], options_ref)] = indices
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in ready:
-                index = in_flight.pop(ref)
+                indices = in_flight.pop(ref)
                 try:
-                    line = ray.get(ref)
+                    lines = ray.get(ref)
                 except ray.exceptions.RayError as exc:  # the worker died on every try, or the task failed
-                    logger.warning("Ray task for %s failed: %s", tasks[index].path, type(exc).__name__)
-                    line = error_line(tasks[index], _lost_message(ray, tasks[index], exc, max_retries))
-                on_result(index, line)
+                    if len(indices) > 1:  # one adapter may be killing its workers: retry each alone, first
+                        chunks.extendleft([i] for i in reversed(indices))
+                        continue
+                    logger.warning("Ray task for %s failed: %s", tasks[indices[0]].path, type(exc).__name__)
+                    lines = [error_line(tasks[indices[0]], _lost_message(ray, tasks[indices[0]], exc, max_retries))]
+                for index, line in zip(indices, lines, strict=True):
+                    on_result(index, line)
     except BaseException:
         for ref in in_flight:  # Ctrl-C or an error: do not leave tasks running on the cluster
             ray.cancel(ref, force=True)
