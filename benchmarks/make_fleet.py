@@ -124,8 +124,8 @@ def make_fleet(folder: Path, count: int = 2000, seed: int = 0) -> dict[str, int]
     for index in range(count):
         fmt = ("peft", "kohya", "diffusers")[index % 3]
         broken = BROKEN_KINDS[(index // every) % len(BROKEN_KINDS)] if index % every == every - 1 else None
-        if broken == "no_weights" and fmt != "peft":
-            broken = "truncated"
+        if broken == "no_weights":
+            fmt = "peft"  # only a PEFT folder can lack its weights file
         write_adapter(folder, index, fmt, generator, broken)
         counts[fmt] = counts.get(fmt, 0) + 1
         if broken:

@@ -356,3 +356,8 @@ def test_report_totals_and_serving_memory(tmp_path: Path) -> None:
     assert "truncate everything at energy 0.99" in text and "broken.safetensors" in text
     for name in ("ranks.png", "slot_rank.png"):
         assert (report_dir / name).read_bytes().startswith(b"\x89PNG")
+    # An existing report is refused before any scanning, unless --force.
+    again = scan(str(root), "--report", str(report_dir), "-q", "-o", str(tmp_path / "again.jsonl"))
+    assert again.exit_code == 1 and "pass --force" in again.stderr
+    assert not (tmp_path / "again.jsonl").exists() and not (tmp_path / "again.jsonl.partial").exists()
+    assert scan(str(root), "--report", str(report_dir), "-q", "--force", "--jobs", "1").exit_code == 0

@@ -74,8 +74,10 @@ def scan_command(paths: tuple[str, ...], output: Path | None, report_dir: Path |
 
     truncation = check_truncation_options(energy=truncate_energy, avg_rank=avg_rank, max_rank=max_rank,
                                           out_dir=out_dir)
-    if report_dir is not None and report_dir.exists() and not report_dir.is_dir():
-        raise click.BadParameter(f"{report_dir} is a file, not a folder", param_hint="--report")
+    if report_dir is not None:
+        from lora_tools.scan.report import check_report_folder
+
+        check_report_folder(report_dir, force)
     options = ScanOptions(energy=energy, format=format_, truncate=truncation,
                           out_dir=str(out_dir) if out_dir is not None else None, force=force)
     with _progress(quiet) as (on_total, on_result):
@@ -97,7 +99,7 @@ def scan_command(paths: tuple[str, ...], output: Path | None, report_dir: Path |
         from lora_tools.scan.summary import summarize
 
         summary = summarize(run.lines(), energy)
-        written = write_report(summary, report_dir, force=True)
+        written = write_report(summary, report_dir, force=force)
         if not quiet:
             click.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
     if not quiet:

@@ -13,6 +13,20 @@ from lora_tools.atomic import atomic_path
 MAX_PROBLEM_ROWS = 200  # in the markdown; report.json lists every problem
 
 
+REPORT_FILES = ("report.md", "report.json", "ranks.png", "slot_rank.png")
+
+
+def check_report_folder(folder: Path, force: bool) -> None:
+    """Refuse, before any scanning, a report folder that is a file or already holds a report (without --force)."""
+    from lora_tools.errors import LoraToolsError, OutputExistsError
+
+    if folder.exists() and not folder.is_dir():
+        raise LoraToolsError(f"{folder}: --report names a folder, and this is a file")
+    existing = [name for name in REPORT_FILES if (folder / name).exists()]
+    if existing and not force:
+        raise OutputExistsError(f"{folder / existing[0]}: already exists; pass --force to overwrite the report")
+
+
 def write_report(summary: dict[str, Any], folder: Path, force: bool = False) -> list[Path]:
     """Write the report files into ``folder`` (created if needed); returns their paths."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -106,7 +106,7 @@ def run_scan(arguments: Iterable[str], options: ScanOptions, *, output: Path | N
         else:
             from lora_tools.scan.local import run_local
 
-            run_local(todo, options, jobs or default_jobs(), record, func=func)
+            run_local(todo, options, min(jobs or default_jobs(), len(todo)), record, func=func)
     except KeyboardInterrupt:
         run.interrupted = True
         store.close()
