@@ -197,6 +197,13 @@ def plan_conversion(adapter: Adapter, to: str, *, base: Path | None = None, pref
     dropped = len(adapter.modules) - len(mapping) - sum(n is not None for g in groups for n in g.inputs)
     if dropped and not warnings:
         warnings.append(f"{dropped} module(s) of other components not converted (--prefix {prefix})")
+    # diffusers' loader gives a module without .alpha the file's most common alpha, not scale 1
+    # (loaders/peft get_peft_kwargs): once one module needs an alpha, every module gets one.
+    # Flux/Wan in diffusers naming: PEFT-named factors, scales in lora_adapter_metadata (formats/diffusers.py);
+    # diffusers' loaders of transformer models ignore .alpha tensors.
+    peft_named = to == "diffusers" and layer_plan is not None and layer_plan.family.split_component == "transformer"
+    every_alpha = to == "diffusers" and (adapter.format != to or layer_plan is not None) and \
+        any(abs(m.scale - 1.0) > 1e-12 for m in adapter.modules.values())
     recorded_config = _recorded_config(adapter) if to == "peft" else None
     rule = peft.ScaleRule(recorded_config, adapter.path, []) if recorded_config else None
     metadata = _output_metadata(adapter, to, mapping)
@@ -209,8 +216,8 @@ def plan_conversion(adapter: Adapter, to: str, *, base: Path | None = None, pref
         a = adapter.source.get(module.a_info.key)  # as stored: (r, in[, kh, kw])
         b = adapter.source.get(module.b_info.key)  # (out, r[, 1, 1])
         scale = _exact_scale(module, rule, out_name)
-        keys = factor_keys(to, out_name, module.kind)
-        alpha_tensor = _alpha_tensor(adapter, module, to, scale)
+        keys = _factor_keys(to, out_name, module.kind, peft_named)
+        alpha_tensor = None if peft_named else _alpha_tensor(adapter, module, to, scale, every_alpha)
         new = builder.add_module(out_name, module.kind, b, a, scale=scale, alpha=scale * module.rank, keys=keys,
                                  alpha_tensor=alpha_tensor, flags=list(module.flags))
         if module.bias_key:
@@ -227,14 +234,21 @@ def plan_conversion(adapter: Adapter, to: str, *, base: Path | None = None, pref
                 _check_convertible(adapter, adapter.modules[name], to)
         for out in build_group(adapter, group):
             rank = out.A.shape[0]
-            alpha_tensor = None if to == "peft" or (to == "diffusers" and out.scale == 1.0) else \
+            alpha_tensor = None if to == "peft" or peft_named or (to == "diffusers" and out.scale == 1.0 and
+                                                                  not every_alpha) else \
                 torch.tensor(out.scale * rank, dtype=torch.float32)
             builder.add_module(out.name, out.kind, out.B, out.A, scale=out.scale, alpha=out.scale * rank,
-                               keys=factor_keys(to, out.name, out.kind), alpha_tensor=alpha_tensor)
+                               keys=_factor_keys(to, out.name, out.kind, peft_named), alpha_tensor=alpha_tensor)
     for info in adapter.extra_tensors:
         builder.add_tensor(info.key, adapter.source.get(info.key))
     converted = builder.build()
     return ConvertPlan(converted, mapping, name_source, warnings, groups)
+
+
+def _factor_keys(to: str, name: str, kind: str, peft_named: bool) -> tuple[str, str, str | None]:
+    if peft_named:
+        return f"{name}.lora_A.weight", f"{name}.lora_B.weight", None
+    return factor_keys(to, name, kind)
 
 
 _GROUP_KEY = "\0group"  # stands for a group's output while output_names spells it (no module is named so)
@@ -281,12 +295,13 @@ def _check_convertible(adapter: Adapter, module: LoraModule, to: str) -> None:
             "mark that, convert --to peft")
 
 
-def _alpha_tensor(adapter: Adapter, module: LoraModule, to: str, scale: float) -> torch.Tensor | None:
+def _alpha_tensor(adapter: Adapter, module: LoraModule, to: str, scale: float,
+                  every_alpha: bool = False) -> torch.Tensor | None:
     if to == "peft":
         return None
     if module.alpha_key:
         return adapter.source.get(module.alpha_key)  # as stored (dtype included): round trips stay bit-exact
-    if to == "diffusers" and scale == 1.0:
+    if to == "diffusers" and scale == 1.0 and not every_alpha:
         return None  # diffusers' default scale is 1: no .alpha, like diffusers' own files
     # float32 like sd-scripts; kohya.write rewrites it anyway unless it already holds scale·rank
     return torch.tensor(scale * module.rank, dtype=torch.float32)

@@ -35,6 +35,7 @@ from lora_tools.formats.common import (
     scalar_value,
     write_safetensors,
 )
+from lora_tools.formats.diffusers_metadata import component_configs, packed_metadata
 from lora_tools.tensorfile import TensorInfo, open_tensor_file
 
 NAME = "diffusers"
@@ -139,7 +140,18 @@ def _read_peft_style(path: Path, source: object, warnings: list[str]) -> Adapter
     alphas = {info.key[: -len(".alpha")]: info for info in extras
               if info.key.endswith(".alpha") and info.numel == 1 and info.key[: -len(".alpha")] in groups}
     extras = [info for info in extras if info.key[: -len(".alpha")] not in alphas]
-    modules = peft.build_modules(path, groups, rule, bool(config.get("fan_in_fan_out")), warnings)
+    per_component = component_configs(config)
+    if per_component:  # a pipeline's save_lora_weights: one config per component, keys prefixed
+        modules = {}
+        for component, sub in per_component.items():
+            part = {n: g for n, g in groups.items() if n.startswith(component + ".")}
+            sub_rule = peft.ScaleRule(sub, f"{path} ({component})", []) if sub.get("r") else None
+            rule = rule or sub_rule
+            modules.update(peft.build_modules(path, part, sub_rule, bool(sub.get("fan_in_fan_out")), warnings))
+        rest = {n: g for n, g in groups.items() if n not in modules}
+        modules.update(peft.build_modules(path, rest, None, None, warnings) if rest else {})
+    else:
+        modules = peft.build_modules(path, groups, rule, bool(config.get("fan_in_fan_out")), warnings)
     for name, info in alphas.items():
         module = modules[name]
         module.alpha = scalar_value(path, info.key, source.get(info.key))  # type: ignore[attr-defined]
@@ -162,9 +174,11 @@ def write(adapter: Adapter, path: Path, *, force: bool = False) -> Path:
 
     A diffusers input keeps its own key naming (factors, ``.alpha`` tensors and everything else under their
     keys); for the PEFT-backed naming the ranks/alphas in ``lora_adapter_metadata`` are rewritten with exact
-    per-module patterns. Other inputs are written in the ``<module>.lora.down.weight`` naming, under each module's
-    canonical diffusers name (``unet.<path>``, kohya names resolved as ``convert`` does), with an
-    ``<module>.alpha`` where the scale is not 1 (diffusers' network_alpha / rank).
+    per-module patterns (per component, prefixed, unless the file held a model's unprefixed config). Other inputs
+    are written in the ``<module>.lora.down.weight`` naming, under each module's canonical diffusers name
+    (``unet.<path>``, kohya names resolved as ``convert`` does), with an ``<module>.alpha`` on every module once
+    one scale is not 1 (diffusers' network_alpha / rank; its loader gives a module without one the file's most
+    common alpha).
     """
     import torch
 
@@ -174,8 +188,15 @@ def write(adapter: Adapter, path: Path, *, force: bool = False) -> Path:
     if adapter.format == NAME:
         tensors = {key: adapter.source.get(key) for key in adapter.source.infos()}
         raw = metadata.get("lora_adapter_metadata")
-        if raw and any(".lora_A." in m.a_info.key for m in adapter.modules.values()):
-            metadata["lora_adapter_metadata"] = json.dumps(peft.config_for(adapter, adapter.config))
+        if any(".lora_A." in m.a_info.key for m in adapter.modules.values()):
+            # the form the file had: a model's unprefixed config, else a pipeline's prefixed one (what
+            # load_lora_weights reads; transformer models such as Flux and Wan take their scales from it only)
+            packed = None if raw and not component_configs(adapter.config) else packed_metadata(adapter)
+            if packed is not None:
+                metadata["lora_adapter_metadata"] = json.dumps(packed)
+                raw = metadata["lora_adapter_metadata"]
+            elif raw:
+                metadata["lora_adapter_metadata"] = json.dumps(peft.config_for(adapter, adapter.config))
         missing = [m.name for m in adapter.modules.values()
                    if abs(m.scale - 1.0) > 1e-12 and not m.alpha_key and not raw]
         if missing:
@@ -187,6 +208,9 @@ def write(adapter: Adapter, path: Path, *, force: bool = False) -> Path:
 
         # The canonical diffusers name of each module (unet.<path>, text_encoder.<path>), kohya names resolved.
         out_names = foreign_names(adapter, NAME)
+        # diffusers' loader gives a module without .alpha the file's most common alpha, not scale 1
+        # (loaders/peft get_peft_kwargs): once one module needs an alpha, every module gets one.
+        every_alpha = any(abs(m.scale - 1.0) > 1e-12 for m in adapter.modules.values())
         tensors = {}
         for name, module in adapter.modules.items():
             if module.kind not in ("linear", "conv") or module.bias_key or module.magnitude_key:
@@ -197,7 +221,7 @@ def write(adapter: Adapter, path: Path, *, force: bool = False) -> Path:
             out = out_names[name]
             tensors[f"{out}.lora.down.weight"] = adapter.source.get(module.a_info.key)
             tensors[f"{out}.lora.up.weight"] = adapter.source.get(module.b_info.key)
-            if abs(module.scale - 1.0) > 1e-12:
+            if every_alpha:
                 tensors[f"{out}.alpha"] = torch.tensor(module.scale * module.rank, dtype=torch.float32)
         for info in adapter.extra_tensors:
             tensors[info.key] = adapter.source.get(info.key)
