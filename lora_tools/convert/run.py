@@ -11,7 +11,6 @@ every rsLoRA scale). Only a verified output is moved into place.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import torch
 
 from lora_tools.adapter import Adapter, LoraModule
 from lora_tools.builder import AdapterBuilder, factor_keys
-from lora_tools.convert.group_factors import build_group, group_differences, group_mapping
+from lora_tools.convert.group_factors import build_group, group_mapping
 from lora_tools.convert.image_plan import LayerGroup, LayerPlan, plan_layers
 from lora_tools.convert.names import (
     COMFY_PREFIX,
@@ -41,21 +40,15 @@ from lora_tools.convert.names import (
     to_diffusers,
     to_kohya,
 )
-from lora_tools.errors import InvalidOptionError, LoraToolsError, ModuleMismatchError, UnsupportedAdapterError
+from lora_tools.convert.verify import MAX_REL_DIFFERENCE, VerificationError, check_finite, verify  # noqa: F401 (callers import them from here)
+from lora_tools.errors import InvalidOptionError, ModuleMismatchError, UnsupportedAdapterError
 from lora_tools.formats import FORMATS, peft
-from lora_tools.linalg.products import relative_difference
 
 TARGETS = ("peft", "kohya", "diffusers")
-# A conversion whose rebuilt ΔW differs from the input's by more than this (relative) is refused.
-MAX_REL_DIFFERENCE = 1e-6
 
 
 class UnresolvedNamesError(ModuleMismatchError):
     """kohya module names that match no real module of the base model."""
-
-
-class VerificationError(LoraToolsError):
-    """The converted adapter does not reproduce the input."""
 
 
 @dataclass
@@ -316,67 +309,6 @@ def _output_metadata(adapter: Adapter, to: str, mapping: dict[str, str]) -> dict
         metadata.update(provenance_metadata(mapping, adapter.format,
                                             adapter.config if adapter.format == "peft" else None))
     return metadata
-
-
-@torch.no_grad()
-def verify(original: Adapter, written: Adapter, mapping: dict[str, str],
-           groups: list[LayerGroup] | None = None) -> dict[str, Any]:
-    """Compare every module of ``written`` (read back from disk) with ``original``; raise on any loss."""
-    bit_exact = 0
-    worst = 0.0
-    worst_module = None
-    expected = set(mapping.values())
-    for group in groups or []:
-        expected.update(group.out_names)
-        for name, diff in group_differences(original, written, group):
-            if diff > worst or math.isnan(diff):
-                worst, worst_module = diff, name
-    for name, out_name in mapping.items():
-        module = original.modules[name]
-        if out_name not in written.modules:
-            raise VerificationError(f"verification failed: module {name} ({out_name}) is missing from the output")
-        out = written.modules[out_name]
-        same_factors = all(
-            _bit_equal(original.source.get(a.key), written.source.get(b.key)) and a.dtype == b.dtype
-            for a, b in ((module.a_info, out.a_info), (module.b_info, out.b_info)))
-        if same_factors and out.scale == module.scale and out.kind == module.kind:
-            bit_exact += 1
-            continue
-        if out.kind != module.kind:
-            raise VerificationError(f"verification failed: module {name} is {module.kind} in the input but "
-                                    f"{out.kind} in the output")
-        if same_factors:
-            diff = abs(out.scale - module.scale) / abs(module.scale) if module.scale else abs(out.scale)
-        else:
-            B, A = original.factors(name, torch.float64)
-            B2, A2 = written.factors(out_name, torch.float64)
-            diff = relative_difference(out.scale * B2, A2, module.scale * B, A)
-        if diff > worst or math.isnan(diff):
-            worst, worst_module = diff, name
-    if not set(written.modules) <= expected:
-        extra = sorted(set(written.modules) - expected)
-        raise VerificationError(f"verification failed: the output has {len(extra)} unexpected module(s), e.g. "
-                                f"{extra[:1]}")
-    if not worst <= MAX_REL_DIFFERENCE:
-        raise VerificationError(f"verification failed: module {worst_module}: the rebuilt ΔW differs from the "
-                                f"input by {worst:.3g} (relative); nothing written")
-    return {"bit_exact_modules": bit_exact, "max_rel_difference": worst, "worst_module": worst_module}
-
-
-def _bit_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Same dtype, shape and bytes (unlike torch.equal, NaN factors copied as stored compare equal)."""
-    if x.dtype != y.dtype or x.shape != y.shape:
-        return False
-    return torch.equal(x.contiguous().reshape(-1).view(torch.uint8), y.contiguous().reshape(-1).view(torch.uint8))
-
-
-def check_finite(adapter: Adapter, names: Any) -> None:
-    """Refuse modules with NaN/Inf factors: a converted copy would spread a broken adapter under a new name."""
-    for name in names:
-        B, A = adapter.factors(name)
-        if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
-            raise ModuleMismatchError(f"{adapter.path}: module {name}: LoRA factors contain NaN or Inf; refusing to "
-                                      "convert (pass --allow-nonfinite to copy them unchanged)")
 
 
 def convert(source: Path, output: Path, to: str, *, base: Path | None = None, prefix: str | None = None,
