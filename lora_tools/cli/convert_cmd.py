@@ -35,7 +35,9 @@ from lora_tools.errors import InvalidOptionError
 @click.option("--prefix", default=None, metavar="unet|te|te1|te2",
               help="Which model a PEFT adapter belongs to (kohya lora_<prefix>_ names, diffusers component); "
                    "for --to peft, the component to take from a multi-model file.")
-@click.option("--allow-partial", is_flag=True, help="Drop kohya modules whose names cannot be resolved.")
+@click.option("--allow-partial", is_flag=True,
+              help="Drop kohya modules whose names cannot be resolved; write a fused layer (Flux qkv/linear1) whose "
+                   "file lacks some parts with zero rows for them.")
 @click.option("--allow-nonfinite", is_flag=True, help="Copy modules with NaN/Inf factors as stored instead of failing.")
 @format_option
 @json_option
@@ -50,7 +52,10 @@ def convert_command(source: Path, output: Path, to_format: str, base: str | None
     Factors are copied as stored; each module's scale is carried over (PEFT rank/alpha patterns and rsLoRA,
     kohya per-module .alpha, diffusers network alphas). kohya names lost their dots, so kohya input is resolved
     against real module names: those loratools recorded when it wrote the file, --base, or built-in SD UNet /
-    CLIP text-encoder lists; unresolvable names are listed and refused unless --allow-partial. Every conversion
+    CLIP text-encoder / SDXL / Flux / Wan lists; unresolvable names are listed and refused unless --allow-partial.
+    SDXL, Flux.1 and Wan adapters change naming with the format (kohya/ComfyUI: the model's own layers; diffusers
+    and PEFT: diffusers' layers); Flux's fused layers are split (B by rows; A too when B is block-diagonal) or
+    fused (A stacked, B block-diagonal) exactly. Every conversion
     is written to a staging file, read back, and compared module by module with the input (factors bit for bit,
     scales exactly or to a reported relative difference) before it is moved to OUT.
     """
