@@ -344,3 +344,31 @@ def test_cli_cuda_without_cuda(tiny_models: dict[str, Any]) -> None:
     base, adapter, _ = tiny_models["bert"]
     assert_one_line_error(run_cli("compare-quant", str(adapter), "--base", str(base), "--device", "cuda"),
                           "CUDA is not available")
+
+
+def test_entry_histogram_from_bit_patterns_matches_log10_histogram() -> None:
+    """The fast entry histogram (float32 bit patterns, re-binned) equals the direct log10 histogram up to the
+    entries within one raw bin (1/64 octave) of a bin edge, and keeps every entry (ends clamped)."""
+    from lora_tools.compare.metrics import ENTRY_BINS, ENTRY_LOG_RANGE, entry_histogram_edges
+
+    gen = torch.Generator().manual_seed(1)
+    y = torch.randn(300, 64, generator=gen)
+    dy = torch.randn(300, 64, generator=gen) * torch.logspace(-9, 3, 64)  # spans beyond both ends
+    dy[0, 0] = 0.0
+    rms = 0.37
+    stats = OutputErrorStats("cpu", entry_rms=rms)
+    stats.update(y[:100], dy[:100])
+    stats.update(y[100:], dy[100:])
+    fast = stats.entry_hist
+    logs = (dy.abs().double() / rms).clamp_min(1e-300).log10().clamp(*ENTRY_LOG_RANGE).flatten()
+    exact = torch.histc(logs, bins=ENTRY_BINS, min=ENTRY_LOG_RANGE[0], max=ENTRY_LOG_RANGE[1])
+    assert float(fast.sum()) == pytest.approx(dy.numel())
+    assert fast.shape == exact.shape and len(entry_histogram_edges()) == ENTRY_BINS + 1
+    width = math.log10(1 + 1 / 64)
+    edges = torch.tensor(entry_histogram_edges(), dtype=torch.float64).log10()
+    cdf_fast = torch.cumsum(fast, 0)
+    cdf_exact = torch.cumsum(exact.double(), 0)
+    for i in range(ENTRY_BINS - 1):
+        edge = float(edges[i + 1])
+        near = int(((logs > edge - width) & (logs < edge + width)).sum())
+        assert abs(float(cdf_fast[i]) - float(cdf_exact[i])) <= near + 1e-6

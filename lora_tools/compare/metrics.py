@@ -22,6 +22,8 @@ TOKEN_BINS = 2400
 # |ΔY entries| / rms(Y entries) for the histogram plot: 10^-8 .. 10^2.
 ENTRY_LOG_RANGE = (-8.0, 2.0)
 ENTRY_BINS = 200
+# Entry errors are first counted by their float32 bit patterns (metrics._entry_bins): 64 bins per octave.
+RAW_SHIFT = 17
 
 
 @torch.no_grad()
@@ -177,39 +179,42 @@ class OutputErrorStats:
         f64 = {"dtype": torch.float64, "device": device}
         self.entry_rms = entry_rms if entry_rms > 0 else 1.0
         self.tokens = 0
-        self.sum_sq = torch.zeros((), **f64)
         self.power_sums = torch.zeros(5, **f64)  # n, Σe, Σe², Σe³, Σe⁴ over entries of ΔY
         self.max_abs = torch.zeros((), **f64)
         self.min_cos = torch.full((), math.inf, **f64)
         self.token_max = torch.zeros((), **f64)
         self.token_hist = torch.zeros(TOKEN_BINS, **f64)
-        # The entry histogram is the costliest statistic (one bin index per output entry): only kept for the
-        # methods that are plotted.
-        self.entry_hist = torch.zeros(ENTRY_BINS, **f64) if entry_histogram else None
+        # The entry histogram is the costliest statistic (one bin per output entry): only kept for the methods
+        # that are plotted, and counted on the float32 bit patterns (see _entry_bins).
+        self._raw_first, raw_count = _raw_range(self.entry_rms)
+        self._entry_raw = torch.zeros(raw_count, dtype=torch.int64, device=device) if entry_histogram else None
 
     @torch.no_grad()
     def update(self, y: torch.Tensor, dy: torch.Tensor, y_sq: torch.Tensor | None = None) -> None:
         """Add a batch: y (T, out) the target outputs, dy (T, out) the errors.
 
-        Entry-wise work runs in float32 (it dominates the cost); per-token scalars and running sums are float64.
-        The cosine is formed from ‖y‖², <y, Δy> and ‖Δy‖² per token, so ŷ = y + Δy is never materialised and
-        1 − cos stays accurate when Δy is tiny.
+        Entry-wise work runs in float32 (it dominates the cost): row sums over one token's ≤ out entries are
+        float32, everything summed across tokens is float64, so the rounding does not grow with the number of
+        tokens. The cosine is formed from ‖y‖², <y, Δy> and ‖Δy‖² per token, so ŷ = y + Δy is never
+        materialised and 1 − cos stays accurate when Δy is tiny. Callers pass a few hundred tokens at a time:
+        the temporaries then stay in cache, and freed blocks of one size are reused instead of fragmenting the
+        heap (whole 4k-token batches grew compare-quant's resident memory on SmolLM2 from 3.6 to 12.6 GB).
         """
         if dy.shape[0] == 0:
             return
         self.tokens += dy.shape[0]
         dy32 = dy.to(torch.float32)
         y32 = y.to(torch.float32)
-        y_sq = y32.square().sum(dim=1, dtype=torch.float64) if y_sq is None else y_sq  # (T,)
+        y_sq = y32.square().sum(dim=1).double() if y_sq is None else y_sq  # (T,)
         e2 = dy32.square()
-        err_sq = e2.sum(dim=1, dtype=torch.float64)  # (T,)
-        cross = (y32 * dy32).sum(dim=1, dtype=torch.float64)  # (T,)
-        self.sum_sq += err_sq.sum()
+        err_sq = e2.sum(dim=1).double()  # (T,)
+        cross = torch.linalg.vecdot(y32, dy32, dim=1).double()  # (T,)
         self.power_sums += torch.stack([
             torch.tensor(float(dy.numel()), dtype=torch.float64, device=dy.device),
-            dy32.sum(dtype=torch.float64), err_sq.sum(), (e2 * dy32).sum(dtype=torch.float64),
-            e2.square().sum(dtype=torch.float64)])
-        self.max_abs = torch.maximum(self.max_abs, dy32.abs().max().to(torch.float64))
+            dy32.sum(dim=1).double().sum(), err_sq.sum(), torch.linalg.vecdot(e2, dy32, dim=1).double().sum(),
+            torch.linalg.vecdot(e2, e2, dim=1).double().sum()])
+        low, high = torch.aminmax(dy32)
+        self.max_abs = torch.maximum(self.max_abs, torch.maximum(-low, high).to(torch.float64))
         tiny = torch.finfo(torch.float64).tiny
         y_hat_sq = (y_sq + 2 * cross + err_sq).clamp_min(0)
         denominator = (y_sq * y_hat_sq).sqrt()
@@ -220,8 +225,15 @@ class OutputErrorStats:
         token_err = (err_sq / y_sq.clamp_min(tiny)).sqrt()
         self.token_max = torch.maximum(self.token_max, token_err.max())
         self.token_hist += _log_hist(token_err, TOKEN_BINS, TOKEN_LOG_RANGE)
-        if self.entry_hist is not None:
-            self.entry_hist += _log_hist(dy32.abs().flatten().div_(self.entry_rms), ENTRY_BINS, ENTRY_LOG_RANGE)
+        if self._entry_raw is not None:
+            self._entry_raw += _entry_bins(dy32, self._raw_first, self._entry_raw.numel())
+
+    @property
+    def entry_hist(self) -> torch.Tensor | None:
+        """Counts of |ΔY entry| / rms(Y entry) in the ENTRY_BINS log-spaced bins of entry_histogram_edges()."""
+        if self._entry_raw is None:
+            return None
+        return _rebin_raw(self._entry_raw.cpu(), self._raw_first, self.entry_rms)
 
     def percentile(self, q: float) -> float:
         """The q-quantile (0..1) of the per-token relative error, from the histogram (log-interpolated)."""
@@ -262,6 +274,55 @@ def _log_hist(values: torch.Tensor, bins: int, log_range: tuple[float, float]) -
     # ends in the first and last bins.
     logs = values.to(torch.float32).clamp(min=10.0 ** low).log10_().clamp_(low, high)
     return torch.histc(logs, bins=bins, min=low, max=high).to(torch.float64)
+
+
+def _pattern_bin(value: float) -> int:
+    """The raw bin (bit pattern >> RAW_SHIFT) of a positive float32 value, capped at the largest finite one."""
+    value = min(max(value, 0.0), float(torch.finfo(torch.float32).max))
+    return int(torch.tensor(value, dtype=torch.float32).view(torch.int32)) >> RAW_SHIFT
+
+
+def _raw_range(unit: float) -> tuple[int, int]:
+    """(first raw bin, number of raw bins) covering ENTRY_LOG_RANGE of value/unit, with one more bin at each
+    end that lies wholly outside it: entries clamped into those land in the first / last coarse bin."""
+    low, high = ENTRY_LOG_RANGE
+    first = max(_pattern_bin(10.0 ** low * unit) - 1, 0)
+    last = _pattern_bin(10.0 ** high * unit) + 1
+    return first, last - first + 1
+
+
+def _entry_bins(dy: torch.Tensor, first: int, count: int) -> torch.Tensor:
+    """Counts of |dy| (float32) by their bit patterns: sign dropped, exponent and the leading 6 mantissa bits
+    kept, so raw bin i holds [v_i, v_(i+1)) with v_i the float whose bits are i << RAW_SHIFT (64 bins per
+    octave, 0.0047 decades), shifted by ``first`` and clamped to ``count`` bins. Integer ops and one bincount:
+    4-5x faster than log10 + histc over every entry, which was most of compare-quant's held-out pass."""
+    bits = dy.contiguous().view(torch.int32).bitwise_and(0x7FFFFFFF).bitwise_right_shift_(RAW_SHIFT)
+    return torch.bincount(bits.sub_(first).clamp_(0, count - 1).flatten(), minlength=count)
+
+
+def _rebin_raw(raw: torch.Tensor, first: int, unit: float) -> torch.Tensor:
+    """Raw bit-pattern counts -> ENTRY_BINS log10 bins of value/unit over ENTRY_LOG_RANGE (ends clamped). A raw
+    bin that straddles a coarse edge is split in proportion to its log-width on each side."""
+    patterns = (torch.arange(first, first + raw.numel() + 1, dtype=torch.int64) << RAW_SHIFT)
+    finite = 0x7F800000  # the first non-finite pattern: the top bin's upper edge is taken as float32's max
+    values = patterns.clamp_max(finite - 1).to(torch.int32).view(torch.float32).to(torch.float64)
+    edges = values.clamp_min(1e-300).log10() - math.log10(unit)
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(raw.to(torch.float64), 0)])
+    low, high = ENTRY_LOG_RANGE
+    wanted = torch.linspace(low, high, ENTRY_BINS + 1, dtype=torch.float64)
+    at = _interp(wanted, edges, cdf)
+    counts = at.diff()
+    counts[0] += at[0]  # below the range: first bin
+    counts[-1] += cdf[-1] - at[-1]  # above: last bin
+    return counts
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation of (xp, fp) at x; xp non-decreasing (flat runs allowed), ends clamped."""
+    import numpy as np
+
+    keep = torch.cat([xp[1:] > xp[:-1], torch.tensor([True])])  # a flat run keeps its last (largest) cdf
+    return torch.from_numpy(np.interp(x.numpy(), xp[keep].numpy(), fp[keep].numpy()))
 
 
 def _hist_quantile(hist: torch.Tensor, q: float, log_range: tuple[float, float], maximum: float) -> float:

@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 
 # Relative tolerance of the built-in check: svd-act's calibration error² vs the eigenvalue tail (both float64).
 OPTIMAL_CHECK_RTOL = 1e-6
+STATS_CHUNK = 256
 
 
 @dataclass
@@ -151,11 +152,12 @@ class CompareJob:
         def on_holdout(name: str, x: torch.Tensor) -> None:
             layer = by_name[name]
             layer.holdout.update(x)
-            x32 = x.to(torch.float32)
-            y = layer.target.apply(x32)  # (T, out)
-            y_sq = y.square().sum(dim=1, dtype=torch.float64)  # (T,)
-            for error_map, stats in zip(layer.error_maps, layer.stats, strict=True):
-                stats.update(y, error_map(x32, y), y_sq)
+            for start in range(0, x.shape[0], STATS_CHUNK):
+                x32 = x[start:start + STATS_CHUNK].to(torch.float32)
+                y = layer.target.apply(x32)  # (t, out)
+                y_sq = y.square().sum(dim=1, dtype=torch.float64)  # (t,)
+                for error_map, stats in zip(layer.error_maps, layer.stats, strict=True):
+                    stats.update(y, error_map(x32, y), y_sq)
 
         self._forward(self.holdout_sequences, on_holdout, advance, seed=self.options.seed + 1)
         report = self._report()
