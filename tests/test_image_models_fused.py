@@ -173,3 +173,26 @@ def test_peft_default_adapter_infix_converts(tmp_path: Path) -> None:
     assert report["max_rel_difference"] < 1e-12
     convert(folder, tmp_path / "d.safetensors", "diffusers")
     assert "transformer.transformer_blocks.0.attn.to_q" in load_adapter(tmp_path / "d.safetensors").modules
+
+
+def test_verification_catches_a_wrong_row_block(tmp_path: Path) -> None:
+    """A split whose written part differs from the input's rows is refused, whether it differs in its factors
+    (the low-rank comparison) or only in its scale (the copied-factor shortcut)."""
+    from lora_tools.convert.run import plan_conversion
+    from lora_tools.convert.verify import VerificationError, verify
+    from lora_tools.formats import FORMATS
+
+    source = kohya_file(tmp_path / "qkv.safetensors", {"lora_unet_double_blocks_0_img_attn_qkv": (24, 8, 2)})
+    adapter = load_adapter(source)
+    plan = plan_conversion(adapter, "diffusers")
+    out = tmp_path / "out.safetensors"
+    FORMATS["diffusers"].write(plan.adapter, out)
+    assert verify(adapter, load_adapter(out), plan.mapping, plan.groups)["max_rel_difference"] == 0.0
+    tensors = load_file(str(out))
+    key = "transformer.transformer_blocks.0.attn.to_k.lora_B.weight"
+    for tamper, alpha in ((lambda t: t.flip(0), 2), (lambda t: t, 2.02)):
+        changed = dict(tensors, **{key: tamper(tensors[key]).contiguous()})
+        save_file(changed, str(tmp_path / "bad.safetensors"), metadata={"lora_adapter_metadata": json.dumps(
+            {"transformer.r": 2, "transformer.lora_alpha": alpha})})
+        with pytest.raises(VerificationError, match="double_blocks_0_img_attn_qkv"):
+            verify(adapter, load_adapter(tmp_path / "bad.safetensors"), plan.mapping, plan.groups)

@@ -95,6 +95,21 @@ def _rows(B: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
     return B[rows[0]:rows[1]]
 
 
+def _copied_difference(B_in: torch.Tensor, A_in: torch.Tensor, scale_in: float, B_out: torch.Tensor,
+                       A_out: torch.Tensor, scale_out: float) -> float | None:
+    """The relative difference of s·B·A when the output holds the input's non-zero columns of B and their rows of
+    A bit for bit (what a split or fuse writes): then only the scales can differ. None when it does not."""
+    used_in = B_in.any(dim=0).nonzero().flatten()
+    used_out = B_out.any(dim=0).nonzero().flatten()
+    if used_in.numel() != used_out.numel() or B_in.dtype != B_out.dtype or A_in.dtype != A_out.dtype:
+        return None
+    if not (torch.equal(B_in[:, used_in], B_out[:, used_out]) and torch.equal(A_in[used_in], A_out[used_out])):
+        return None
+    if used_in.numel() == 0 or scale_in == scale_out:
+        return 0.0
+    return abs(scale_out - scale_in) / abs(scale_in) if scale_in else math.inf
+
+
 @torch.no_grad()
 def group_differences(original: Adapter, written: Adapter, group: LayerGroup) -> Iterator[tuple[str, float]]:
     """(module, relative difference) for every stretch of rows of the group; inf for a missing output module,
@@ -102,19 +117,26 @@ def group_differences(original: Adapter, written: Adapter, group: LayerGroup) ->
     for name, in_rows, out_name, out_rows in _pieces(group):
         if out_name not in written.modules:
             if name is not None and in_rows is not None:
-                B, _ = original.factors(name, torch.float64)
+                B, _ = _stored(original, name)
                 yield (out_name, 0.0 if not bool(_rows(B, in_rows).any()) else math.inf)
             else:
                 yield out_name, math.inf
             continue
-        B_out, A_out = written.factors(out_name, torch.float64)
-        B_out = written.modules[out_name].scale * _rows(B_out, out_rows)
+        B_out, A_out = _stored(written, out_name)
+        B_out = _rows(B_out, out_rows)
+        scale_out = written.modules[out_name].scale
         if name is None:  # an absent part: the fused rows must hold no update
             yield out_name, 0.0 if not bool(B_out.any()) else math.inf
             continue
-        B_in, A_in = original.factors(name, torch.float64)
-        B_in = original.modules[name].scale * _rows(B_in, in_rows)
-        yield name, relative_difference(B_out, A_out, B_in, A_in)
+        B_in, A_in = _stored(original, name)
+        B_in = _rows(B_in, in_rows)
+        scale_in = original.modules[name].scale
+        copied = _copied_difference(B_in, A_in, scale_in, B_out, A_out, scale_out)
+        if copied is not None:  # exact, without a QR of the stacked factors
+            yield name, copied
+            continue
+        yield name, relative_difference(scale_out * B_out.double(), A_out.double(), scale_in * B_in.double(),
+                                        A_in.double())
 
 
 def group_mapping(groups: list[LayerGroup]) -> dict[str, str]:
