@@ -43,6 +43,8 @@ class GGUFWritten:
     permuted: list[str] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)  # q8_0 tensors written as F16
     types: Counter[str] = field(default_factory=Counter)
+    # module -> (B, A) as the input stores them (2-D), kept for the verification when asked (keep_factors)
+    factors: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
 
 def parse_dtype(dtype: str | None) -> str | None:
@@ -159,8 +161,10 @@ def _encode(tensor: Any, ggml_type: str) -> tuple[Any, Any]:
 
 def write_gguf(adapter: Adapter, path: Path, *, force: bool = False, base: GGUFBase | None = None,
                dtype: str | None = None, names: dict[str, str] | None = None,
-               kinds: dict[str, str] | None = None, source_format: str | None = None) -> GGUFWritten:
-    """Write ``adapter`` (modules ``names`` maps, default all) as a GGUF LoRA at ``path``, atomically."""
+               kinds: dict[str, str] | None = None, source_format: str | None = None,
+               allow_nonfinite: bool = False, keep_factors: bool = False) -> GGUFWritten:
+    """Write ``adapter`` (modules ``names`` maps, default all) as a GGUF LoRA at ``path``, atomically; NaN/Inf
+    factors are refused unless ``allow_nonfinite`` (a GGUF copy would spread a broken adapter)."""
     import gguf
     import torch
 
@@ -193,6 +197,11 @@ def write_gguf(adapter: Adapter, path: Path, *, force: bool = False, base: GGUFB
         for name, target in names.items():
             module = adapter.modules[name]
             B, A, stored = _factors(adapter, name)
+            if keep_factors:
+                written.factors[name] = (B, A)
+            if not allow_nonfinite and not (all_finite(B) and all_finite(A)):
+                raise ModuleMismatchError(f"{adapter.path}: module {name}: LoRA factors contain NaN or Inf; refusing "
+                                          "to convert (pass --allow-nonfinite to copy them unchanged)")
             _check_shape(adapter, base, name, target, module.kind, B, A)
             wanted = products[name] / alpha
             if float(torch.tensor(products[name], dtype=torch.float32)) != alpha:
@@ -219,6 +228,14 @@ def write_gguf(adapter: Adapter, path: Path, *, force: bool = False, base: GGUFB
         writer.write_tensors_to_file()
         writer.close()
     return written
+
+
+def all_finite(tensor: Any) -> bool:
+    """No NaN/Inf: their float64 sum is finite (one reduction, ~4x faster than isfinite on fp16; float64 cannot
+    overflow on sums of float32/bf16 values)."""
+    import torch
+
+    return bool(torch.isfinite(tensor.sum(dtype=torch.float64)))
 
 
 def _check_shape(adapter: Adapter, base: GGUFBase, name: str, target: str, kind: str, B: Any, A: Any) -> None:
