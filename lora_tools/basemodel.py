@@ -93,16 +93,24 @@ def load_base(path: Path, device: Any, dtype: torch.dtype, need_tokenizer: bool 
     except (OSError, ValueError, KeyError) as exc:
         raise BaseModelError(f"{path}: cannot load the base model with transformers.{auto.__name__}: "
                              f"{' '.join(str(exc).split())[:300]}") from None
-    tokenizer = None
-    if need_tokenizer:
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise BaseModelError(f"{path}: no usable tokenizer in the base model folder ({type(exc).__name__}); "
-                                 "add the tokenizer files, or use --calib random") from None
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer = load_tokenizer(path) if need_tokenizer else None
     return model.to(device).eval(), tokenizer
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The tokenizer of a base model folder (offline), with a pad token."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BaseModelError(f"{path}: no usable tokenizer in the base model folder ({type(exc).__name__}); "
+                             "add the tokenizer files, or use --calib random") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
 
 
 @dataclass

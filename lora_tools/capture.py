@@ -57,6 +57,10 @@ class CovarianceAccumulator:
             self.gram.addmm_(x64.T, x64)
         self.tokens += x.shape[0]
 
+    def release(self) -> None:
+        """Free C, keep the token count (a finished layer's report still says how many tokens it saw)."""
+        self.gram = None
+
 
 class _MaskState:
     """The attention mask of the batch now running (set by the driver before each forward)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,11 @@ class CompareOptions:
     budget: int | None = None
     e2e_tokens: int | None = 512  # held-out tokens run through the full model per variant (None: all)
     e2e_batch_size: int = 8
+    # Streaming (lora_tools.model.offload): auto / never / always, a memory budget in bytes, and where the
+    # plan line goes (the CLI prints it on stderr).
+    offload: str = "auto"
+    max_memory: int | None = None
+    plan_sink: Callable[[str], None] | None = None
 
 
 def resolve_device(device: str) -> torch.device:

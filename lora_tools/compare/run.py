@@ -1,23 +1,20 @@
 """``compare-quant``: truncation vs rounding, measured on real layer outputs, as a report dict.
 
-Plan (``prepare_compare``): resolve the layers, load the base model and tokenize the calibration text, split the
-sequences into calibration and held-out parts. Run (``CompareJob.run``):
+The pipeline's stages are files: ``plan`` (options, layers, base model, tokens, offload), ``feed`` (capture:
+how each layer's real inputs arrive: whole model in memory, or streamed block by block), ``fit`` (every method
+per layer from its weights and C_calib), ``evaluate`` (held-out statistics, each layer's row), ``report`` (the
+roll-up) and ``whole_model`` (the end-to-end stage). ``CompareJob.run`` drives them; per stage of the feed:
 
-1. forward the calibration sequences (adapter applied by hooks for ``delta``/``merged``) and accumulate
-   C_calib = Σ x xᵀ per layer;
-2. fit every method per layer from the weights (and C_calib for ``svd-act``);
-3. forward the held-out sequences: accumulate C_holdout and stream per-token statistics of every method's ΔY;
-4. finalize per layer: Frobenius errors from C_calib / C_holdout, error structure, noise-model prediction, the
-   built-in check that ``svd-act``'s calibration error equals the eigenvalue tail.
+1. forward the calibration split (adapter applied by hooks for ``delta``/``merged``): C_calib = Σ x xᵀ per layer;
+2. fit every method per layer;
+3. forward the held-out split: C_holdout and streamed per-token statistics of every method's ΔY;
+4. finalize each layer's row and free what only it needed, so a streamed run holds one block's statistics.
 
 Nothing fitted ever sees the held-out split.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,47 +22,14 @@ from typing import Any
 
 import torch
 
-from lora_tools import __version__
 from lora_tools.adapter import Adapter, LoraModule
-from lora_tools.capture import (
-    CovarianceAccumulator,
-    lora_hooks,
-    random_inputs,
-    run_model,
-    split_tokens,
-)
+from lora_tools.capture import CovarianceAccumulator
 from lora_tools.compare.holdout import TokenCounts
-from lora_tools.compare.methods import (
-    Approximation,
-    ErrorMap,
-    OutputEigen,
-    Target,
-    activation_aware,
-    equal_budget_rank,
-    output_eigen,
-    quantize_target,
-    svd_truncation,
-    target_svd,
-)
-from lora_tools.compare.metrics import (
-    EnergyContext,
-    OutputErrorStats,
-    approximation_error_structure,
-    rel_error,
-    snr_db,
-    uniform_noise_prediction,
-)
-from lora_tools.compare.options import CompareOptions, display_path
-from lora_tools.compare.summary import aggregate, mark_duplicates, summary
-from lora_tools.errors import LoraToolsError
+from lora_tools.compare.methods import Approximation, ErrorMap, OutputEigen, Target
+from lora_tools.compare.metrics import OutputErrorStats
+from lora_tools.compare.options import CompareOptions
 from lora_tools.memory import release_free_memory
 from lora_tools.quant import QuantScheme
-
-log = logging.getLogger(__name__)
-
-# Relative tolerance of the built-in check: svd-act's calibration error² vs the eigenvalue tail (both float64).
-OPTIMAL_CHECK_RTOL = 1e-6
-STATS_CHUNK = 256
 
 
 @dataclass
@@ -74,8 +38,9 @@ class Layer:
 
     name: str
     lora: LoraModule | None
-    target: Target
+    target: Target | None  # None until its stage loads the weights (base / merged targets)
     model_name: str | None = None
+    module: Any = None  # the base model's module (for W0 of base / merged targets)
     calib: CovarianceAccumulator | None = None
     holdout: CovarianceAccumulator | None = None
     approximations: list[Approximation] = field(default_factory=list)
@@ -85,6 +50,24 @@ class Layer:
     eigen: OutputEigen | None = None
     entries: list[tuple[int, str | None]] = field(default_factory=list)  # result rows: (approximation, budget)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in) of the layer's linear map."""
+        if self.target is not None:
+            return self.target.shape
+        return (self.lora.out_features, self.lora.in_features)
+
+    def release(self, keep_calib: bool) -> None:
+        """Drop what only the per-layer report needed (C_holdout, approximations, error maps, a dense target);
+        C_calib stays when the end-to-end stage will build svd-act variants from it."""
+        if self.holdout is not None:
+            self.holdout.release()
+        if self.calib is not None and not keep_calib:
+            self.calib.release()
+        self.approximations, self.error_maps, self.eigen = [], [], None
+        if self.target is not None and not self.target.factored:
+            self.target = None
 
 
 @dataclass
@@ -98,7 +81,7 @@ class CompareJob:
     ranks: tuple[int, ...]
     adapter: Adapter | None
     base_path: Path | None
-    model: Any = None
+    model: Any = None  # the model (its weightless skeleton when streamed), None for --calib random
     pad_id: int = 0
     calib_sequences: list[list[int]] = field(default_factory=list)
     holdout_sequences: list[list[int]] = field(default_factory=list)
@@ -106,11 +89,13 @@ class CompareJob:
     unmatched: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)
-    counts: TokenCounts | None = None  # set by prepare_compare, after the token check
-    end_to_end: bool = False  # set by prepare_compare (compare.whole_model.planned)
+    counts: TokenCounts | None = None  # set by plan.prepare_compare, after the token check
+    end_to_end: bool = False  # set by plan.prepare_compare (compare.whole_model.planned)
     end_to_end_skipped: str | None = None  # why end-to-end evaluation does not run, when it does not
     end_to_end_metric: str = "kl"  # "kl" (causal LM) or "cosine" (encoder), set with end_to_end
     base_note: str | None = None  # what a report must say about the base (e.g. its weights were 4-bit)
+    stream: Any = None  # a lora_tools.model.stream.StreamedModel when the base runs block by block
+    offload_plan: dict[str, Any] | None = None  # lora_tools.model.offload's decision, for the report
 
     @property
     def evaluation(self) -> str:
@@ -123,49 +108,60 @@ class CompareJob:
 
     @property
     def steps(self) -> int:
-        forwarded = len(self.calib_sequences) + len(self.holdout_sequences) if not self.random else 2 * len(
-            self.layers)
-        steps = forwarded + len(self.layers)
-        if self.end_to_end:
-            from lora_tools.compare.whole_model import evaluation_sequences
+        from lora_tools.compare.capture import make_feed
 
-            steps += len(evaluation_sequences(self))
+        steps = make_feed(self, lambda n: None).steps + len(self.layers)
+        if self.end_to_end:
+            from lora_tools.compare.whole_model import end_to_end_steps
+
+            steps += end_to_end_steps(self)
         return steps
+
+    def factors(self, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """The adapter's factors for the named layers in the forward dtype (none for ``--target base``): the
+        inputs of every layer are those of the adapted model, earlier layers' LoRA included."""
+        if self.options.target == "base" or self.random:
+            return {}
+        from lora_tools.compare.options import DTYPES
+
+        dtype = DTYPES[self.options.dtype]
+        result = {}
+        for name in names:
+            layer = self._by_name[name]
+            B, A = self.adapter.factors(name)
+            result[name] = (B.to(self.device, dtype), A.to(self.device, dtype), layer.lora.scale)
+        return result
 
     @torch.no_grad()
     def run(self, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+        from lora_tools.compare.capture import make_feed
+        from lora_tools.compare.evaluate import add_holdout_tokens, finalize_layer
+        from lora_tools.compare.fit import fit_layer
+        from lora_tools.compare.report import build_report
+
         advance = progress or (lambda n: None)
-        for layer in self.layers:
-            dim = layer.target.shape[1]
-            layer.calib = CovarianceAccumulator(dim, self.device)
-            layer.holdout = CovarianceAccumulator(dim, self.device)
-        by_name = {layer.name: layer for layer in self.layers}
-
-        def on_calib(name: str, x: torch.Tensor) -> None:
-            by_name[name].calib.update(x)
-
-        self._forward(self.calib_sequences, on_calib, advance, seed=self.options.seed)
-        for layer in self.layers:
-            self._fit(layer)
-            advance(1)
-
-        def on_holdout(name: str, x: torch.Tensor) -> None:
-            layer = by_name[name]
-            layer.holdout.update(x)
-            for start in range(0, x.shape[0], STATS_CHUNK):
-                x32 = x[start:start + STATS_CHUNK].to(torch.float32)
-                y = layer.target.apply(x32)  # (t, out)
-                y_sq = y.square().sum(dim=1, dtype=torch.float64)  # (t,)
-                for error_map, stats in zip(layer.error_maps, layer.stats, strict=True):
-                    stats.update(y, error_map(x32, y), y_sq)
-
-        self._forward(self.holdout_sequences, on_holdout, advance, seed=self.options.seed + 1)
-        report = self._report()
-        for layer in self.layers:
-            # The per-layer report is done: only the calibration covariances (svd-act variants) are still needed.
-            # On SmolLM2 the held-out ones are 1 GB of float64.
-            layer.holdout, layer.error_maps, layer.stats = None, [], []
-        release_free_memory()
+        self._by_name = {layer.name: layer for layer in self.layers}
+        feed = make_feed(self, advance)
+        rows: dict[str, dict[str, Any]] = {}
+        for names in feed.stages():
+            layers = [self._by_name[name] for name in names]
+            for layer in layers:
+                if layer.target is None:
+                    layer.target = dense_target(self.options.target, layer, self.adapter, self.device)
+                layer.calib = CovarianceAccumulator(layer.shape[1], self.device)
+                layer.holdout = CovarianceAccumulator(layer.shape[1], self.device)
+            factors = self.factors(names)
+            feed.forward("calib", lambda name, x: self._by_name[name].calib.update(x), factors)
+            for layer in layers:
+                fit_layer(layer, self.schemes, self.ranks, self.device)
+                advance(1)
+            feed.forward("holdout", lambda name, x: add_holdout_tokens(self._by_name[name], x), factors)
+            for layer in layers:
+                rows[layer.name] = finalize_layer(layer, self.device)
+                # The row is done: only C_calib (svd-act variants of the end-to-end stage) may still be needed.
+                layer.release(keep_calib=self.end_to_end)
+            release_free_memory()
+        report = build_report(self, [rows[layer.name] for layer in self.layers])
         if self.end_to_end:
             from lora_tools.compare.whole_model import run_end_to_end
 
@@ -173,168 +169,17 @@ class CompareJob:
         else:
             report["end_to_end"] = None
             report["end_to_end_skipped"] = self.end_to_end_skipped
+        if self.offload_plan is not None:
+            report["offload"] = self.offload_plan
         return report
 
-    # --- the three stages ------------------------------------------------------------------------------------
 
-    def _forward(self, sequences: list[list[int]], callback: Callable[[str, torch.Tensor], None],
-                 advance: Callable[[int], None], seed: int) -> None:
-        if self.random:
-            calib_tokens, holdout_tokens = split_tokens(self.options.max_tokens, self.options.holdout)
-            tokens = calib_tokens if seed == self.options.seed else holdout_tokens
-            dims = {layer.name: layer.target.shape[1] for layer in self.layers}
-            random_inputs(dims, tokens, callback, seed=seed, device=self.device)
-            advance(len(self.layers))
-            return
-        if not sequences:
-            return
-        factors = {}
-        if self.options.target != "base":
-            # The inputs of every layer are those of the adapted model (earlier layers' LoRA included).
-            dtype = next(self.model.parameters()).dtype
-            for layer in self.layers:
-                B, A = self.adapter.factors(layer.name)
-                factors[layer.name] = (B.to(self.device, dtype), A.to(self.device, dtype), layer.lora.scale)
-        with lora_hooks(self.modules, factors) if factors else contextlib.nullcontext():
-            run_model(self.model, self.modules, sequences, callback, pad_id=self.pad_id,
-                      batch_size=self.options.batch_size, device=self.device, progress=advance)
+def dense_target(kind: str, layer: Layer, adapter: Adapter | None, device: torch.device) -> Target:
+    """W0 (``base``) or W0 + s·B·A (``merged``) of a layer whose module holds its weights now."""
+    from lora_tools.basemodel import base_weight
 
-    def _fit(self, layer: Layer) -> None:
-        target = layer.target
-        C = layer.calib.gram
-        eigen = output_eigen(target, C)
-        total = eigen.total_energy
-        layer.optimal = [math.sqrt(eigen.tail_energy(k) / total) if total > 0 else math.nan
-                         for k in range(target.max_rank + 1)]
-        svd = target_svd(target)
-        approximations: list[Approximation] = []
-        entries: list[tuple[int, str | None]] = []  # (index into approximations, equal_budget_to)
-        lowrank: dict[tuple[str, int], int] = {}
-
-        def add_lowrank(rank: int, equal_budget_to: str | None) -> None:
-            # An equal-budget rank that is also a --ranks rank reuses that approximation (and its statistics).
-            for method, build in (("svd", lambda: svd_truncation(target, svd, rank)),
-                                  ("svd-act", lambda: activation_aware(target, eigen, rank))):
-                if (method, rank) not in lowrank:
-                    lowrank[(method, rank)] = len(approximations)
-                    approximations.append(build())
-                entries.append((lowrank[(method, rank)], equal_budget_to))
-
-        for scheme in self.schemes:
-            entries.append((len(approximations), None))
-            approximations.append(quantize_target(target, scheme))
-        quantized = list(approximations)
-        for rank in self.ranks:
-            if rank > target.max_rank:
-                layer.notes.append(f"rank {rank} skipped: exceeds the layer's rank {target.max_rank}")
-                continue
-            add_lowrank(rank, None)
-        for approx in quantized:
-            add_lowrank(equal_budget_rank(target.shape, approx.bytes, target.max_rank), approx.method)
-        layer.entries = entries
-        layer.approximations = approximations
-        # rms of one output entry on calibration: the unit of the error-entry histogram.
-        entry_rms = math.sqrt(total / max(layer.calib.tokens * target.shape[0], 1))
-        plotted = {i for i, budget in entries if budget is not None or approximations[i].steps}
-        layer.stats = [OutputErrorStats(self.device, entry_rms, entry_histogram=i in plotted)
-                       for i in range(len(approximations))]
-        layer.eigen = eigen  # kept for the built-in check in _finalize
-        layer.error_maps = [ErrorMap(target, approx) for approx in approximations]
-
-    def _finalize(self, layer: Layer) -> dict[str, Any]:
-        target = layer.target
-        C_calib, C_hold = layer.calib.gram, layer.holdout.gram
-        has_hold = layer.holdout.tokens > 0
-        W = target.dense(torch.float64).to(self.device)  # (out, in)
-        calib_ctx = EnergyContext(target, C_calib, W)
-        hold_ctx = EnergyContext(target, C_hold, W)
-        y_calib, y_hold = calib_ctx.y, hold_ctx.y
-        eigen = layer.eigen
-        computed = []
-        for approx, stats in zip(layer.approximations, layer.stats, strict=True):
-            err_calib, _, _ = calib_ctx.energies(approx)
-            err_hold, y_hat_hold, inner = hold_ctx.energies(approx)
-            if approx.method == "svd-act":
-                expected = eigen.tail_energy(approx.rank)
-                if abs(err_calib - expected) > OPTIMAL_CHECK_RTOL * y_calib + 1e-300:
-                    raise LoraToolsError(
-                        f"internal check failed for {layer.name}: svd-act error² {err_calib:.6g} at rank "
-                        f"{approx.rank} differs from the eigenvalue tail {expected:.6g}")
-            stable_rank, top1 = approximation_error_structure(target, approx, W)
-            predicted = uniform_noise_prediction(approx, target, C_hold if has_hold else C_calib)
-            measured = err_hold if has_hold else err_calib
-            computed.append({
-                "method": approx.method,
-                "rank": approx.rank,
-                "bytes": approx.bytes,
-                "bits_per_param": 8.0 * approx.bytes / target.params,
-                "rel_error": rel_error(y_hold, err_hold) if has_hold else math.nan,
-                "rel_error_calib": rel_error(y_calib, err_calib),
-                "snr_db": snr_db(y_hold, err_hold) if has_hold else math.nan,
-                "cosine": inner / math.sqrt(y_hold * y_hat_hold) if y_hold > 0 and y_hat_hold > 0 else math.nan,
-                **stats.summary(),
-                "error_stable_rank": stable_rank,
-                "error_top1_energy": top1,
-                "uniform_noise_ratio": (measured / predicted if predicted else math.nan)
-                if predicted is not None else None,
-                "_energy": (y_hold, err_hold, y_calib, err_calib, inner, y_hat_hold),
-            })
-        results = []
-        for index, budget in layer.entries:
-            base = computed[index]
-            label = f"{base['method']}@{budget}" if budget else layer.approximations[index].label
-            results.append({"label": label, "method": base["method"], "rank": base["rank"],
-                            "equal_budget_to": budget, **{k: v for k, v in base.items()
-                                                          if k not in ("method", "rank")}})
-        mark_duplicates(results, [index for index, _ in layer.entries])
-        return {
-            "name": layer.name,
-            "model_module": layer.model_name,
-            "kind": layer.lora.kind if layer.lora else "linear",
-            "shape": list(target.shape),
-            "params": target.params,
-            "reference_bytes": target.reference_bytes,
-            "optimal_rel_error_calib": layer.optimal,
-            "notes": layer.notes,
-            "results": results,
-        }
-
-    def _report(self) -> dict[str, Any]:
-        layers = [self._finalize(layer) for layer in self.layers]
-        layer_stats = [[layer.stats[index] for index, _ in layer.entries] for layer in self.layers]
-        aggregate_rows, histograms = aggregate(layers, layer_stats)
-        for row in layers:
-            for result in row["results"]:
-                result.pop("_energy")
-        first = self.layers[0] if self.layers else None
-        schemes = [s.name for s in self.schemes]
-        return {
-            "tool": f"loratools {__version__}",
-            "base_model": display_path(self.base_path) if self.base_path else None,
-            "base_note": self.base_note,
-            # The name the adapter gives its base, whether or not a base model was loaded.
-            "adapter_base_model": self.adapter.base_model if self.adapter else None,
-            "base_model_run": not self.random,
-            "inputs": "random" if self.random else "captured",
-            "adapter": display_path(self.adapter.path) if self.adapter else None,
-            "target": self.options.target,
-            "device": str(self.device),
-            "dtype": self.options.dtype,
-            "calib": self.calib_description,
-            # Which tokens the errors in "summary" (and rel_error) were measured on; see compare.holdout.
-            "evaluation": self.evaluation,
-            "calib_tokens": first.calib.tokens if first else 0,
-            "holdout_tokens": first.holdout.tokens if first else 0,
-            "calib_sequences": len(self.calib_sequences),
-            "holdout_sequences": len(self.holdout_sequences),
-            "holdout_fraction": self.options.holdout,
-            "min_tokens": max(layer.target.shape[1] for layer in self.layers) if self.layers else 0,
-            "ranks": list(self.ranks),
-            "schemes": schemes,
-            "unmatched_modules": self.unmatched,
-            "skipped_modules": self.skipped,
-            "layers": layers,
-            "aggregate": aggregate_rows,
-            "summary": summary(layers, aggregate_rows, schemes, self.evaluation),
-            "error_histograms": histograms,
-        }
+    W0 = base_weight(layer.module, layer.lora).to(device)
+    if kind == "base":
+        return Target(layer.shape, weight=W0)
+    B, A = adapter.factors(layer.name, torch.float32)
+    return Target(layer.shape, weight=W0 + layer.lora.scale * (B.to(device) @ A.to(device)))

@@ -72,6 +72,11 @@ def evaluation_sequences(job: Any) -> list[list[int]]:
     return chosen
 
 
+def end_to_end_steps(job: Any) -> int:
+    """Progress units of the end-to-end stage: the sequences it evaluates."""
+    return len(evaluation_sequences(job))
+
+
 def variant_count(job: Any) -> int:
     """How many variants ``run_end_to_end`` evaluates (for the progress bar), without building them."""
     ranks = len(job.ranks)
@@ -88,9 +93,17 @@ def run_end_to_end(job: Any, progress: Callable[[int], None] | None = None) -> d
                               mixed_schemes=MIXED_SCHEMES, avg_rank=True, identity=True, modules=names)
     reference, others = variants[0], variants[1:]
     sequences = evaluation_sequences(job)
-    section = evaluate_variants(job.model, {n: job.modules[n] for n in names}, sequences, reference, others,
-                                pad_id=job.pad_id, batch_size=job.options.e2e_batch_size, device=job.device,
-                                progress=progress)
+    modules = {n: job.modules[n] for n in names}
+    if job.stream is not None:
+        from lora_tools.compare.end_to_end_stream import evaluate_variants_streamed
+
+        model_names = {layer.name: layer.model_name for layer in job.layers}
+        section = evaluate_variants_streamed(job.stream, modules, model_names, sequences, reference, others,
+                                             pad_id=job.pad_id, batch_size=job.options.e2e_batch_size,
+                                             device=job.device, progress=progress)
+    else:
+        section = evaluate_variants(job.model, modules, sequences, reference, others, pad_id=job.pad_id,
+                                    batch_size=job.options.e2e_batch_size, device=job.device, progress=progress)
     section["evaluation"] = job.evaluation
     section["sequences_evaluated"] = len(sequences)
     section["tokens_evaluated"] = sum(map(len, sequences))

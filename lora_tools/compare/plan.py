@@ -1,6 +1,6 @@
-"""compare-quant's plan: validate the options, pick the layers, load the base model, tokenize and split the
-calibration text, and check that both sides of the split hold enough tokens — everything before the computation
-(``CompareJob.run``)."""
+"""compare-quant's plan: validate the options, pick the layers, decide whether the base runs whole or streamed
+(``--offload``), load it (or its weightless skeleton), tokenize and split the calibration text, and check that both
+sides of the split hold enough tokens — everything before the computation (``CompareJob.run``)."""
 
 from __future__ import annotations
 
@@ -55,11 +55,11 @@ def prepare_compare(adapter: Adapter | None, base: Path | None, options: Compare
     job = CompareJob(options, device, [], schemes, tuple(ranks), adapter, None)
     needs_model = not is_random or options.target != "delta"
     if needs_model:
-        from lora_tools.basemodel import check_module_map, load_base, match_modules, resolve_base
+        from lora_tools.basemodel import check_module_map, match_modules, resolve_base
 
         job.base_path = resolve_base(adapter, base)
         job.base_note = base_note(job.base_path)
-        model, tokenizer = load_base(job.base_path, device, DTYPES[options.dtype], need_tokenizer=not is_random)
+        model, tokenizer = _load(job, is_random)
         mapping = match_modules(model, list(adapter.modules))
         job.unmatched = mapping.unmatched
         # Another architecture, modules the base lacks (the first few named), or shapes of another model size.
@@ -94,6 +94,30 @@ def prepare_compare(adapter: Adapter | None, base: Path | None, options: Compare
     return job
 
 
+def _load(job: CompareJob, is_random: bool) -> tuple[Any, Any]:
+    """(model, tokenizer): the whole model, or the skeleton of a streamed one (``job.stream`` set)."""
+    from lora_tools.basemodel import load_base, load_tokenizer
+    from lora_tools.model.offload import plan_offload
+
+    options = job.options
+    dtype = DTYPES[options.dtype]
+    if is_random:
+        return load_base(job.base_path, job.device, dtype, need_tokenizer=False)
+    # Hidden states carried per token: the sequences are at most max_length long, padded per batch.
+    plan = plan_offload(job.base_path, options.offload, options.max_memory, job.device, dtype,
+                        tokens=options.max_tokens + options.max_length * options.batch_size)
+    job.offload_plan = plan.as_dict()
+    if options.plan_sink is not None:
+        options.plan_sink(plan.describe())
+    if not plan.stream:
+        return load_base(job.base_path, job.device, dtype)
+    from lora_tools.model.stream import StreamedModel
+
+    tokenizer = load_tokenizer(job.base_path)  # before the skeleton: a base without one fails fast
+    job.stream = StreamedModel(job.base_path, job.device, dtype)
+    return job.stream.model, tokenizer
+
+
 def base_note(path: Path) -> str | None:
     """What every report on this base must say: a GGUF base's weights were quantized and are dequantized here."""
     if path.suffix.lower() != ".gguf":
@@ -107,8 +131,8 @@ def base_note(path: Path) -> str | None:
 
 
 def _check_counts(job: CompareJob) -> None:
-    widest = max(job.layers, key=lambda layer: layer.target.shape[1])
-    check_token_counts(job.counts, widest.target.shape[1], widest.name)
+    widest = max(job.layers, key=lambda layer: layer.shape[1])
+    check_token_counts(job.counts, widest.shape[1], widest.name)
 
 
 def _build_layers(job: CompareJob, adapter: Adapter, mapping: Any, is_random: bool) -> list[Layer]:
@@ -123,10 +147,15 @@ def _build_layers(job: CompareJob, adapter: Adapter, mapping: Any, is_random: bo
         if mapping is not None and name not in mapping.modules:
             continue
         shape = (lora.out_features, lora.in_features)
-        W0 = base_weight(mapping.modules[name], lora).to(job.device) if mapping is not None else None
-        if W0 is not None and lora.kind not in CAPTURE_KINDS:
+        if mapping is not None and lora.kind not in CAPTURE_KINDS:
             job.skipped.append(f"{name} ({lora.kind})")
             continue
+        module = mapping.modules[name] if mapping is not None else None
+        if job.stream is not None and target_kind != "delta":
+            # W0 is read when the block holding this layer is loaded (run.dense_target).
+            layers.append(Layer(name, lora, None, model_name=mapping.model_names[name], module=module))
+            continue
+        W0 = base_weight(module, lora).to(job.device) if module is not None else None
         if target_kind == "base":
             target = Target(shape, weight=W0)
         else:
@@ -136,6 +165,7 @@ def _build_layers(job: CompareJob, adapter: Adapter, mapping: Any, is_random: bo
                 target = Target(shape, B=B, A=A, scale=lora.scale)
             else:
                 target = Target(shape, weight=W0 + lora.scale * (B @ A))
-        layer = Layer(name, lora, target, model_name=mapping.model_names[name] if mapping is not None else None)
+        layer = Layer(name, lora, target, model_name=mapping.model_names[name] if mapping is not None else None,
+                      module=module)
         layers.append(layer)
     return layers

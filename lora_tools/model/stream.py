@@ -1,0 +1,258 @@
+"""Sequential onloading: run a decoder-only transformer one block at a time, holding one block's weights.
+
+This is how GPTQ/AWQ calibrate bases larger than memory (llm-compressor's sequential pipeline, GPTQModel): build
+the model skeleton without weights (meta device), load the embeddings, catch what the first decoder block receives
+(hidden states plus the keyword arguments the model builds for every block: attention mask, rotary position
+embeddings, position ids), then for each block load just its tensors from the safetensors shards, run every batch
+through it, free it and carry the hidden states on. The final norm and LM head give the logits.
+
+Only the forward of the model's own modules runs: the same kernels, shapes and order as an in-memory forward, so a
+streamed run gives the same numbers (the tests hold them to 1e-5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_tools.errors import BaseModelError
+
+# config.json model_type values whose models are embed -> N identical decoder blocks -> norm -> LM head, with the
+# transformers layout model.embed_tokens / model.layers / model.norm / lm_head.
+STREAMABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2")
+
+
+class StreamError(BaseModelError):
+    """A checkpoint that cannot be streamed (missing shard, wrong shapes, unsupported architecture)."""
+
+
+class _Caught(Exception):
+    """Raised by the hook on the first block to stop the forward once its inputs are known."""
+
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.args, self.kwargs = args, kwargs
+
+
+@dataclass
+class Checkpoint:
+    """Where every tensor of a safetensors checkpoint lives, validated before anything is loaded."""
+
+    folder: Path
+    config: dict[str, Any]
+    files: dict[str, Path]  # tensor name -> shard
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # tensor name -> (bytes as stored, elements)
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type", "?"))
+
+    @property
+    def blocks(self) -> int:
+        return int(self.config.get("num_hidden_layers", 0))
+
+    def block_bytes(self, index: int, dtype_bytes: int | None = None) -> int:
+        """Bytes of block ``index``'s tensors, as stored (or at ``dtype_bytes`` per element)."""
+        prefix = f"model.layers.{index}."
+        return sum(self._bytes(name, dtype_bytes) for name in self.files if name.startswith(prefix))
+
+    def total_bytes(self, dtype_bytes: int | None = None) -> int:
+        return sum(self._bytes(name, dtype_bytes) for name in self.files)
+
+    def _bytes(self, name: str, dtype_bytes: int | None) -> int:
+        stored, element = self.sizes[name]
+        return stored if dtype_bytes is None else element * dtype_bytes
+
+
+def read_checkpoint(folder: Path) -> Checkpoint:
+    """The tensor -> shard map of a transformers folder (model.safetensors or a sharded index), every shard
+    checked to exist and its header read (sizes, no data)."""
+    from safetensors import safe_open
+
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise StreamError(f"{config_path}: cannot read the model config ({type(exc).__name__})") from None
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise StreamError(f"{index}: not a safetensors index (no weight_map)") from None
+        files = {name: folder / shard for name, shard in weight_map.items()}
+    elif (folder / "model.safetensors").is_file():
+        files = {}
+    else:
+        raise StreamError(f"{folder}: streaming reads safetensors checkpoints (model.safetensors or "
+                          "model.safetensors.index.json with its shards); none here")
+    shards = sorted(set(files.values())) or [folder / "model.safetensors"]
+    missing = [p for p in shards if not p.is_file()]
+    if missing:
+        raise StreamError(f"{missing[0]}: shard named by {index.name} is missing"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    sizes: dict[str, tuple[int, int]] = {}
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt") as handle:
+                for name in handle.keys():
+                    info = handle.get_slice(name)
+                    numel = 1
+                    for dim in info.get_shape():
+                        numel *= int(dim)
+                    element = torch.empty((), dtype=_DTYPES.get(info.get_dtype(), torch.float32)).element_size()
+                    sizes[name] = (numel * element, numel)
+                    files.setdefault(name, shard)
+        except Exception as exc:  # safetensors raises its own error types for a damaged header
+            raise StreamError(f"{shard}: not a readable safetensors shard ({' '.join(str(exc).split())[:120]})") \
+                from None
+    absent = [name for name, shard in files.items() if name not in sizes]
+    if absent:
+        raise StreamError(f"{files[absent[0]]}: the index places {absent[0]} in this shard, but it is not there")
+    return Checkpoint(folder, config, files, sizes)
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8}
+
+
+def check_streamable(checkpoint: Checkpoint) -> None:
+    if checkpoint.model_type not in STREAMABLE:
+        raise StreamError(f"{checkpoint.folder}: cannot stream a {checkpoint.model_type!r} model yet (streaming "
+                          f"supports decoder-only {', '.join(STREAMABLE)}); use --offload never")
+    if checkpoint.blocks <= 0 or not any(n.startswith("model.layers.0.") for n in checkpoint.files):
+        raise StreamError(f"{checkpoint.folder}: no decoder blocks model.layers.N in the checkpoint")
+
+
+class StreamedModel:
+    """A causal LM whose decoder blocks are loaded one at a time (see the module docstring)."""
+
+    def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import transformers
+        from accelerate import init_empty_weights
+
+        self.checkpoint = read_checkpoint(folder)
+        check_streamable(self.checkpoint)
+        self.device, self.dtype = device, dtype
+        transformers.logging.set_verbosity_error()
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary inv_freq) real
+            self.model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        self.model.eval()
+        self.blocks = self.model.model.layers
+        self.bytes_read = 0
+        self.seconds_reading = 0.0
+        self._load(self.model.model.embed_tokens, "model.embed_tokens.")
+        self._head_loaded = False
+
+    # --- weights ------------------------------------------------------------------------------------------
+
+    def _load(self, module: torch.nn.Module, prefix: str) -> None:
+        """Materialise ``module``'s parameters from the checkpoint (names ``prefix`` + parameter path)."""
+        import time
+
+        from safetensors import safe_open
+
+        start = time.perf_counter()
+        by_file: dict[Path, list[tuple[str, str]]] = {}
+        for path, _ in module.named_parameters():
+            key = prefix + path
+            if key not in self.checkpoint.files:
+                raise StreamError(f"{self.checkpoint.folder}: tensor {key} is not in the checkpoint")
+            by_file.setdefault(self.checkpoint.files[key], []).append((key, path))
+        for shard, names in by_file.items():
+            with safe_open(str(shard), framework="pt", device="cpu") as handle:
+                for key, path in names:
+                    tensor = handle.get_tensor(key)
+                    owner, leaf = _owner(module, path)
+                    expected = tuple(owner._parameters[leaf].shape)
+                    if tuple(tensor.shape) != expected:
+                        raise StreamError(f"{shard}: {key} has shape {tuple(tensor.shape)}, the config says "
+                                          f"{expected}")
+                    self.bytes_read += tensor.numel() * tensor.element_size()
+                    owner._parameters[leaf] = torch.nn.Parameter(tensor.to(self.device, self.dtype),
+                                                                 requires_grad=False)
+        self.seconds_reading += time.perf_counter() - start
+
+    def _tied(self) -> bool:
+        return bool(getattr(self.model.config, "tie_word_embeddings", False))
+
+    @contextlib.contextmanager
+    def block(self, index: int) -> Iterator[torch.nn.Module]:
+        """Block ``index`` with its weights loaded; back on the meta device (memory freed) on exit."""
+        module = self.blocks[index]
+        try:
+            self._load(module, f"model.layers.{index}.")
+            yield module
+        finally:
+            module.to("meta")
+
+    def _load_head(self) -> None:
+        if not self._head_loaded:
+            self._load(self.model.model.norm, "model.norm.")
+            if self._tied() and "lm_head.weight" not in self.checkpoint.files:
+                # Tied embeddings: the head is the (already loaded) embedding matrix, not a second copy.
+                self.model.lm_head._parameters["weight"] = self.model.model.embed_tokens.weight
+            else:
+                self._load(self.model.lm_head, "lm_head.")
+            self._head_loaded = True
+
+    # --- forward ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(hidden states entering block 0, the keyword arguments every block gets) for one batch."""
+        def catch(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            raise _Caught(args, kwargs)
+
+        handle = self.blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            self.model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        except _Caught as caught:
+            hidden = caught.args[0] if caught.args else caught.kwargs.pop("hidden_states")
+            kwargs = {k: v for k, v in caught.kwargs.items() if k != "hidden_states"}
+            return hidden, kwargs
+        finally:
+            handle.remove()
+        raise StreamError("the model's forward never reached its first decoder block")
+
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head's logits for the last block's output."""
+        self._load_head()
+        return self.model.lm_head(self.model.model.norm(hidden))
+
+    def release_head(self) -> None:
+        if self._head_loaded:
+            self.model.model.norm.to("meta")
+            head = self.model.lm_head
+            # Replaced, not moved: a tied head shares its Parameter with the embeddings, which stay loaded.
+            head._parameters["weight"] = torch.nn.Parameter(torch.empty(head.weight.shape, device="meta"),
+                                                            requires_grad=False)
+            if getattr(head, "bias", None) is not None:
+                head.to("meta")
+            self._head_loaded = False
+
+    def named_linear_modules(self) -> dict[str, torch.nn.Module]:
+        """Every submodule by its full name (as an adapter names them), weights loaded or not."""
+        return dict(self.model.named_modules())
+
+
+def run_block(block: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    output = block(hidden, **kwargs)
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _owner(module: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
+    *parents, leaf = path.split(".")
+    for part in parents:
+        module = getattr(module, part)
+    return module, leaf
