@@ -61,10 +61,9 @@ def verify_gguf(original: Adapter, written: Adapter, names: dict[str, str],
 
 
 def _same_factors(original: Adapter, written: Adapter, name: str, kept: tuple[Any, Any] | None) -> bool:
-    """Factors read back byte-identical to the input's as stored (``kept``: (B, A) already read from it)."""
+    """Factors read back equal to the input's as stored (``kept``: (B, A) already read from it)."""
     module, out = original.modules[name], written.modules[name]
-    if module.update is not None or (module.a_info.dtype, module.b_info.dtype) != (out.a_info.dtype,
-                                                                                     out.b_info.dtype):
+    if module.update is not None:
         return False
     if kept is None:
         kept = tuple(original.source.get(info.key) for info in (module.b_info, module.a_info))  # type: ignore[assignment]
@@ -75,9 +74,11 @@ def _same_factors(original: Adapter, written: Adapter, name: str, kept: tuple[An
 
 
 def _same_bytes(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Same dtype, shape and bytes (a byte compare: several times faster than torch.equal on fp16)."""
-    if x.dtype != y.dtype or x.shape != y.shape:
+    """Same values: a byte compare for the same dtype (several times faster than torch.equal on fp16)."""
+    if x.shape != y.shape:
         return False
+    if x.dtype != y.dtype:  # cast on writing (e.g. fp16 stored as F32): exact when the values are the same
+        return torch.equal(x.to(torch.float64), y.to(torch.float64))
     return x.contiguous().view(torch.uint8).numpy().tobytes() == y.contiguous().view(torch.uint8).numpy().tobytes()
 
 
