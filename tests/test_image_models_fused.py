@@ -196,3 +196,21 @@ def test_verification_catches_a_wrong_row_block(tmp_path: Path) -> None:
             {"transformer.r": 2, "transformer.lora_alpha": alpha})})
         with pytest.raises(VerificationError, match="double_blocks_0_img_attn_qkv"):
             verify(adapter, load_adapter(tmp_path / "bad.safetensors"), plan.mapping, plan.groups)
+
+
+@pytest.mark.parametrize(("context_width", "expected"), [
+    (2048, "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"),  # SDXL: kohya uses sgm names
+    (768, "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k")])  # SD 1.x: diffusers names
+def test_sdxl_is_told_from_sd1_by_its_cross_attention_width(tmp_path: Path, context_width: int,
+                                                             expected: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    save_file({f"base_model.model.{name}.lora_A.weight": torch.randn(2, context_width, generator=gen),
+               f"base_model.model.{name}.lora_B.weight": torch.randn(640, 2, generator=gen)},
+              str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2,
+                                                            "target_modules": ["to_k"]}))
+    report = convert(folder, tmp_path / "k.safetensors", "kohya")
+    assert report["mapping"] == {name: expected}
