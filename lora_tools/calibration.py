@@ -16,9 +16,7 @@ import torch
 from lora_tools.adapter import Adapter
 from lora_tools.capture import (
     CovarianceAccumulator,
-    lora_hooks,
     read_documents,
-    run_model,
     tokenize_documents,
 )
 from lora_tools.errors import ModuleMismatchError
@@ -37,16 +35,33 @@ class Calibration:
 
 @torch.no_grad()
 def collect_covariances(adapter: Adapter, base: Path | None, calib: Path | None, *, max_tokens: int = 8192,
-                        max_length: int = 128, batch_size: int = 32, device: str = "cpu",
+                        max_length: int = 128, batch_size: int = 32, device: str = "cpu", offload: str = "auto",
+                        max_memory: int | None = None, plan_sink: Callable[[str], None] | None = None,
                         progress: Callable[[int], None] | None = None) -> Calibration:
-    """Run the base model (adapter applied) on ``calib`` (default: the bundled corpus) and accumulate C per layer."""
-    from lora_tools.basemodel import check_module_map, load_base, match_modules, resolve_base
+    """Run the base model (adapter applied) on ``calib`` (default: the bundled corpus) and accumulate C per layer;
+    the base runs whole or block by block (``--offload``, see ``lora_tools.model.offload``)."""
+    from lora_tools.basemodel import check_module_map, load_base, load_tokenizer, match_modules, resolve_base
     from lora_tools.data import calib_corpus_path
+    from lora_tools.model.feed import InMemoryFeed, StreamedFeed
+    from lora_tools.model.offload import plan_offload
 
     calib_path = calib if calib is not None else calib_corpus_path()
     documents = read_documents(calib_path)  # validate the text before loading a model
     base_path = resolve_base(adapter, base)
-    model, tokenizer = load_base(base_path, device, torch.float32)
+    torch_device = torch.device(device)
+    plan = plan_offload(base_path, offload, max_memory, torch_device, torch.float32,
+                        tokens=max_tokens + max_length * batch_size)
+    if plan_sink is not None:
+        plan_sink(plan.describe())
+    stream = None
+    if plan.stream:
+        from lora_tools.model.stream import StreamedModel
+
+        tokenizer = load_tokenizer(base_path)
+        stream = StreamedModel(base_path, torch_device, torch.float32)
+        model = stream.model
+    else:
+        model, tokenizer = load_base(base_path, device, torch.float32)
     mapping = match_modules(model, list(adapter.modules))
     check_module_map(adapter, model, mapping, base_path)  # another architecture or missing modules: refused
     skipped = []
@@ -65,13 +80,19 @@ def collect_covariances(adapter: Adapter, base: Path | None, calib: Path | None,
         B, A = adapter.factors(name)  # float32, B: (out, r), A: (r, in)
         factors[name] = (B.to(device), A.to(device), adapter.modules[name].scale)
     corpus = tokenize_documents(tokenizer, documents, max_tokens, max_length)
+    sequences = {"calib": corpus.sequences}
+    common = {"pad_id": int(tokenizer.pad_token_id), "batch_size": batch_size, "device": torch_device,
+              "progress": progress or (lambda n: None)}
+    if stream is not None:
+        feed = StreamedFeed(stream, modules, mapping.model_names, sequences, **common)
+    else:
+        feed = InMemoryFeed(model, modules, sequences, **common)
 
     def on_input(name: str, x: torch.Tensor) -> None:
         accumulators[name].update(x)
 
-    with lora_hooks(modules, factors):
-        run_model(model, modules, corpus.sequences, on_input, pad_id=int(tokenizer.pad_token_id),
-                  batch_size=batch_size, device=device, progress=progress)
+    for names in feed.stages():
+        feed.forward("calib", on_input, {name: factors[name] for name in names})
     return Calibration({name: acc.gram.cpu() for name, acc in accumulators.items()},
                        tokens=next(iter(accumulators.values())).tokens, base_path=base_path,
                        source=str(calib_path), skipped=skipped)

@@ -52,6 +52,11 @@ from lora_tools.cli._common import (
               help="Recommend the smallest KL (1 − cos for encoders) within BYTES of stored adapter.")
 @click.option("--e2e-tokens", type=click.IntRange(min=1), default=512, show_default=True,
               help="Held-out tokens run through the full model for every variant.")
+@click.option("--offload", type=click.Choice(["auto", "never", "always"]), default="auto", show_default=True,
+              help="Run the base block by block, holding one decoder block's weights at a time (safetensors "
+                   "checkpoints of Llama-family models): auto streams when the model does not fit --max-memory.")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Memory budget for --offload auto, e.g. 4GB (default: what the device has free).")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Write report.md, report.json and PNG plots to DIR.")
 @format_option
@@ -62,7 +67,7 @@ from lora_tools.cli._common import (
 def compare_quant_command(path: Path | None, base: Path | None, target: str, ranks: str | None,
                           schemes: str | None, calib: str | None, max_tokens: int, holdout: float, device: str,
                           dtype: str, end_to_end: bool | None, max_kl: float | None, budget: int | None,
-                          e2e_tokens: int, report_dir: Path | None, format_: str | None, as_json: bool, quiet: bool,
+                          e2e_tokens: int, offload: str, max_memory: str | None, report_dir: Path | None, format_: str | None, as_json: bool, quiet: bool,
                           force: bool) -> None:
     """Is SVD truncation or integer quantization the smaller error on what each layer outputs?
 
@@ -72,11 +77,14 @@ def compare_quant_command(path: Path | None, base: Path | None, target: str, ran
     from lora_tools.compare import CompareOptions, parse_ranks, parse_schemes, prepare_compare
     from lora_tools.compare.frontier import check_recommendation_options
     from lora_tools.formats import load_adapter
+    from lora_tools.model.offload import parse_memory
     from lora_tools.report.compare_md import check_report_dir, render_compare_markdown, write_compare_report
 
     options = CompareOptions(target=target, ranks=parse_ranks(ranks), schemes=parse_schemes(schemes),
                              calib=calib, max_tokens=max_tokens, holdout=holdout, device=device, dtype=dtype,
-                             end_to_end=end_to_end, max_kl=max_kl, budget=budget, e2e_tokens=e2e_tokens)
+                             end_to_end=end_to_end, max_kl=max_kl, budget=budget, e2e_tokens=e2e_tokens,
+                             offload=offload, max_memory=parse_memory(max_memory),
+                             plan_sink=None if quiet else lambda line: click.echo(line, err=True))
     check_recommendation_options(max_kl, budget)
     if report_dir is not None:
         check_report_dir(report_dir, force)

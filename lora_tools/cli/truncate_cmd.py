@@ -47,6 +47,11 @@ from lora_tools.cli._common import (
                    "'bundled' for the bundled corpus. Minimises the error on layer outputs instead of ‖ΔW − ΔŴ‖.")
 @click.option("--max-tokens", default=8192, show_default=True, type=click.IntRange(min=1),
               help="Calibration tokens to run (activation-aware only).")
+@click.option("--offload", type=click.Choice(["auto", "never", "always"]), default="auto", show_default=True,
+              help="Activation-aware: run the base block by block, one decoder block's weights at a time "
+                   "(safetensors Llama-family checkpoints); auto streams when the model does not fit --max-memory.")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Memory budget for --offload auto, e.g. 4GB (default: what the machine has free).")
 @format_option
 @json_option
 @quiet_option
@@ -55,7 +60,7 @@ from lora_tools.cli._common import (
 def truncate_command(path: Path | None, output: Path, rank: str | None, energy: str | None, method: str | None,
                      threshold: str | None, avg_rank: str | None, to_format: str | None, dtype: str,
                      allow_nonfinite: bool, base: Path | None, calib: str | None, max_tokens: int,
-                     format_: str | None, as_json: bool, quiet: bool, force: bool) -> None:
+                     offload: str, max_memory: str | None, format_: str | None, as_json: bool, quiet: bool, force: bool) -> None:
     """Truncate the adapter at PATH (default: the bundled example) and write it to OUT.
 
     Each module's update s·B·A is replaced by its best rank-k approximation (Eckart–Young), computed exactly from
@@ -73,6 +78,9 @@ def truncate_command(path: Path | None, output: Path, rank: str | None, energy: 
 
     # Validate everything cheap before reading tensors, so that bad options fail fast and write nothing.
     select_rule(rank=rank, energy=energy, method=method, threshold=threshold, avg_rank=avg_rank)
+    from lora_tools.model.offload import parse_memory
+
+    memory_budget = parse_memory(max_memory)
     source = default_adapter(path)
     adapter = load_adapter(source, format_)
     inputs = tuple(p for p in (source, adapter.weights_path) if p is not None)
@@ -86,7 +94,9 @@ def truncate_command(path: Path | None, output: Path, rank: str | None, energy: 
         calib_path = None if calib in (None, "bundled") else Path(calib)
         if not quiet:
             click.echo(f"calibrating: running the base model on up to {max_tokens} tokens", err=True)
-        calibration = collect_covariances(adapter, base, calib_path, max_tokens=max_tokens)
+        calibration = collect_covariances(adapter, base, calib_path, max_tokens=max_tokens, offload=offload,
+                                          max_memory=memory_budget,
+                                          plan_sink=None if quiet else lambda line: click.echo(line, err=True))
     with progress_bar(len(adapter.modules), "truncating modules", quiet) as advance:
         result = truncate(adapter, rank=rank, energy=energy, method=method, threshold=threshold,
                           avg_rank=avg_rank, dtype=dtype, allow_nonfinite=allow_nonfinite,

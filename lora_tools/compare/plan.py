@@ -155,7 +155,7 @@ def _build_layers(job: CompareJob, adapter: Adapter, mapping: Any, is_random: bo
             # W0 is read when the block holding this layer is loaded (run.dense_target).
             layers.append(Layer(name, lora, None, model_name=mapping.model_names[name], module=module))
             continue
-        W0 = base_weight(module, lora).to(job.device) if module is not None else None
+        W0 = base_weight(module, lora).to(job.device) if module is not None and target_kind != "delta" else None
         if target_kind == "base":
             target = Target(shape, weight=W0)
         else:
