@@ -64,8 +64,10 @@ def test_flux_kohya_converted_to_diffusers_loads_exactly(tmp_path: Path) -> None
     assert_loaded_updates(model, out)
 
 
-def test_wan_kohya_converted_to_diffusers_loads_exactly(tmp_path: Path) -> None:
-    """diffusers' Wan loader ignores .alpha tensors: scales must reach it through lora_adapter_metadata."""
+@pytest.mark.parametrize("route", ["convert", "save_adapter"])
+def test_wan_kohya_converted_to_diffusers_loads_exactly(tmp_path: Path, route: str) -> None:
+    """diffusers' Wan loader ignores .alpha tensors: scales must reach it through lora_adapter_metadata, from
+    convert and from the writer behind truncate/merge --to diffusers alike."""
     modules = {}
     for block, alpha in ((0, 8.0), (1, 2.0)):
         modules[f"lora_unet_blocks_{block}_self_attn_q"] = (16, 16, alpha)
@@ -74,7 +76,10 @@ def test_wan_kohya_converted_to_diffusers_loads_exactly(tmp_path: Path) -> None:
         modules[f"lora_unet_blocks_{block}_ffn_2"] = (16, 32, None)
     source = kohya(tmp_path / "wan.safetensors", modules)
     out = tmp_path / "diffusers.safetensors"
-    convert(source, out, "diffusers")
+    if route == "convert":
+        convert(source, out, "diffusers")
+    else:
+        save_adapter(load_adapter(source), out, "diffusers")
     assert not any(k.endswith(".alpha") for k in load_file(str(out)))
     model = diffusers.WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
@@ -115,3 +120,13 @@ def test_foreign_adapter_written_as_diffusers_has_an_alpha_on_every_module(tmp_p
     written = load_file(str(out))
     assert float(written["unet.down_blocks.0.attentions.0.proj_in.alpha"]) == 4.0  # = rank: scale 1
     assert float(written["unet.down_blocks.0.resnets.0.time_emb_proj.alpha"]) == 2.0
+
+
+def test_writers_refuse_what_only_convert_can_split(tmp_path: Path) -> None:
+    """truncate/merge --to rename tensors only: a Flux fused layer bound for diffusers naming is refused with a
+    pointer to convert (before, the BFL path was written under a diffusers prefix no loader knows)."""
+    from lora_tools.errors import UnsupportedAdapterError
+
+    source = kohya(tmp_path / "flux.safetensors", {"lora_unet_double_blocks_0_img_attn_qkv": (48, 16, 4.0)})
+    with pytest.raises(UnsupportedAdapterError, match="img_attn_qkv is split .* run `loratools convert --to peft`"):
+        save_adapter(load_adapter(source), tmp_path / "peft", "peft")

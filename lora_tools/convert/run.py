@@ -359,7 +359,17 @@ def foreign_names(adapter: Adapter, to: str) -> dict[str, str]:
     canonical, _, _ = canonical_names(
         adapter, base=None, prefix=None, allow_partial=False,
         hint=f"write the {adapter.format} format instead, or run `loratools convert --base MODEL` on that output")
-    return output_names(canonical, to, None, adapter)
+    layer_plan = plan_layers(adapter, canonical, to, allow_partial=False)
+    if layer_plan is not None and layer_plan.groups:
+        # a writer renames tensors only; splitting or fusing layers (and proving it) is convert's job
+        first = next(n for n in layer_plan.groups[0].inputs if n is not None)
+        raise UnsupportedAdapterError(
+            f"{adapter.path}: {layer_plan.family.name} layer {first} is {layer_plan.groups[0].kind} between the "
+            f"{adapter.format} and {to} namings; write the {adapter.format} format, then run `loratools convert "
+            f"--to {to}` on that output")
+    if layer_plan is not None:
+        canonical = {**canonical, **layer_plan.renames}
+    return output_names(canonical, to, None, adapter, keep_names=layer_plan is None)
 
 
 def alignment_keys(adapter: Adapter) -> dict[str, str]:

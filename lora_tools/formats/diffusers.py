@@ -19,6 +19,7 @@ Scale: ``network_alpha / rank`` where an ``.alpha`` tensor is stored, else 1 (di
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -211,6 +212,9 @@ def write(adapter: Adapter, path: Path, *, force: bool = False) -> Path:
         # diffusers' loader gives a module without .alpha the file's most common alpha, not scale 1
         # (loaders/peft get_peft_kwargs): once one module needs an alpha, every module gets one.
         every_alpha = any(abs(m.scale - 1.0) > 1e-12 for m in adapter.modules.values())
+        # transformer models (Flux, Wan, ...): PEFT-named factors, scales in the prefixed lora_adapter_metadata,
+        # since diffusers' loaders for them ignore .alpha tensors
+        peft_named = any(out.startswith("transformer.") for out in out_names.values())
         tensors = {}
         for name, module in adapter.modules.items():
             if module.kind not in ("linear", "conv") or module.bias_key or module.magnitude_key:
@@ -219,12 +223,20 @@ def write(adapter: Adapter, path: Path, *, force: bool = False) -> Path:
                     f"{', DoRA' if module.magnitude_key else ''}) cannot be written in diffusers' LoRA naming; "
                     "write --to peft instead")
             out = out_names[name]
-            tensors[f"{out}.lora.down.weight"] = adapter.source.get(module.a_info.key)
-            tensors[f"{out}.lora.up.weight"] = adapter.source.get(module.b_info.key)
-            if every_alpha:
+            down, up = ("lora_A", "lora_B") if peft_named else ("lora.down", "lora.up")
+            tensors[f"{out}.{down}.weight"] = adapter.source.get(module.a_info.key)
+            tensors[f"{out}.{up}.weight"] = adapter.source.get(module.b_info.key)
+            if every_alpha and not peft_named:
                 tensors[f"{out}.alpha"] = torch.tensor(module.scale * module.rank, dtype=torch.float32)
         for info in adapter.extra_tensors:
             tensors[info.key] = adapter.source.get(info.key)
+        if peft_named:
+            renamed = {out_names[n]: dataclasses.replace(m, name=out_names[n]) for n, m in adapter.modules.items()}
+            packed = packed_metadata(dataclasses.replace(adapter, modules=renamed))
+            if packed is None:
+                raise AdapterFormatError(f"{adapter.path}: modules without a diffusers component prefix cannot be "
+                                         "written beside transformer modules; write --to peft instead")
+            metadata["lora_adapter_metadata"] = json.dumps(packed)
     with atomic_path(path, force) as tmp:
         write_safetensors(tensors, tmp, metadata)
     return path
