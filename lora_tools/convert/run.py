@@ -348,6 +348,7 @@ def convert(source: Path, output: Path, to: str, *, base: Path | None = None, pr
     return {
         "input": str(source), "input_format": adapter.format, "output": str(output), "output_format": to,
         "num_modules": len(written.modules), "name_source": plan.name_source, **checks,
+        "layer_groups": {kind: sum(g.kind == kind for g in plan.groups) for kind in ("split", "fuse", "swap")},
         "mapping": {**plan.mapping, **group_mapping(plan.groups)}, "warnings": plan.warnings + list(written.warnings),
     }
 
