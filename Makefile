@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-compat lint bench clean
+.PHONY: demo test test-compat test-llamacpp lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ test: $(STAMP)
 COMPAT_PEFT ?= 0.10.0 0.13.2 0.14.0
 test-compat: $(STAMP)
 	LORATOOLS_COMPAT_PEFT="$(COMPAT_PEFT)" $(PY) -m pytest -q -p no:cacheprovider tests/test_peft_patterns.py -k loads_what
+
+# llama.cpp itself loads what `convert --to gguf` writes (tests/test_llamacpp.py): llama-cpp-python is built from
+# source here, once (about 12 CPU-minutes; needs a C++ compiler, cmake and the package index), so `make test` leaves
+# it out and that test skips without it. GGML_NATIVE=OFF: a portable build, not tuned to this CPU.
+test-llamacpp: $(STAMP)
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install llama-cpp-python
+	$(PY) -m pytest -q -s -p no:cacheprovider tests/test_llamacpp.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_inspect.py --write-report
