@@ -325,3 +325,28 @@ def test_truncate_and_spectrum_read_gguf(tmp_path: Path) -> None:
     assert from_gguf.modules[name].rank == 1
     ref = from_peft.delta_weight(name, torch.float64)
     assert float((from_gguf.delta_weight(name, torch.float64) - ref).norm() / ref.norm()) < 1e-6
+
+
+@needs_base
+def test_token_embedding_layout(tmp_path: Path) -> None:
+    """token_embd: llama.cpp wants lora_a holding A transposed ([r, vocab] in GGUF order) and lora_b [r, dim]
+    (its shape check in llama-adapter.cpp); read back, the PEFT embedding update is unchanged."""
+    gen = torch.Generator().manual_seed(5)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    A, B = torch.randn(2, 49152, generator=gen), torch.randn(576, 2, generator=gen)
+    save_file({"base_model.model.model.embed_tokens.lora_embedding_A": A,
+               "base_model.model.model.embed_tokens.lora_embedding_B": B}, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["embed_tokens"],
+        "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
+    out = tmp_path / "e.gguf"
+    result = convert(str(folder), "-o", str(out), "--to", "gguf")
+    assert result.exit_code == 0, result.output
+    reader = gguf.GGUFReader(str(out))
+    shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}  # GGUF order
+    assert shapes == {"token_embd.weight.lora_a": [2, 49152], "token_embd.weight.lora_b": [2, 576]}
+    original, written = load_adapter(folder), load_adapter(out)
+    module = written.modules["model.embed_tokens"]
+    assert module.kind == "embedding" and module.scale == 1.0
+    assert torch.equal(written.delta_weight("model.embed_tokens"), original.delta_weight("model.embed_tokens"))
