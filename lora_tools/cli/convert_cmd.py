@@ -21,7 +21,7 @@ from lora_tools.errors import InvalidOptionError
 @click.command("convert")
 @click.argument("source", type=click.Path(path_type=Path), metavar="IN")
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), metavar="OUT",
-              help="Output: a folder for --to peft, a .safetensors file for kohya/diffusers.")
+              help="Output: a folder for --to peft, a .safetensors file for kohya/diffusers, a .gguf file for gguf.")
 @click.option("--to", "to_format", required=True, type=click.Choice(["peft", "kohya", "diffusers", "gguf"]),
               help="Target format (gguf: a llama.cpp LoRA for the base model).")
 @click.option("--base", default=None, metavar="MODEL",
