@@ -51,7 +51,7 @@ def collect_covariances(adapter: Adapter, base: Path | None, calib: Path | None,
     torch_device = torch.device(device)
     plan = plan_offload(base_path, offload, max_memory, torch_device, torch.float32,
                         tokens=max_tokens + max_length * batch_size)
-    if plan_sink is not None:
+    if plan_sink is not None and plan.stream:
         plan_sink(plan.describe())
     stream = None
     if plan.stream:
@@ -113,7 +113,8 @@ def activation_aware_factors(B: torch.Tensor, A: torch.Tensor, scale: float,
     A = A.to(torch.float64)
     Q, R = torch.linalg.qr(B)  # Q: (out, m), R: (m, r)
     RA = scale * (R @ A)  # (m, in): ΔW = Q · RA
-    core = RA @ C.to(torch.float64) @ RA.T  # (m, m)
+    # C may be a compare.span.SpanCovariance (RA's rows lie in A's row space, where it is exact).
+    core = C.sandwich(RA) if hasattr(C, "sandwich") else RA @ C.to(torch.float64) @ RA.T  # (m, m)
     values, vectors = torch.linalg.eigh((core + core.T) / 2)
     values, vectors = values.flip(0), vectors.flip(1)
     return Q @ vectors, values, vectors.T @ RA

@@ -228,3 +228,21 @@ def test_zero_adapter_builds_without_dividing_by_zero(tmp_path: Path) -> None:
         assert float(dense(variant.factors["q"]).abs().max()) == 0.0
         rel = variant.predicted_rel_error()
         assert rel != rel  # NaN: no energy to be relative to
+
+
+def test_span_covariance_gives_the_same_variants_as_the_full_covariance(adapter) -> None:  # noqa: ANN001
+    """C kept only on A's row space (plus its diagonal) reproduces every prediction made from the full C."""
+    from lora_tools.compare.span import SpanCovariance
+
+    C = covariances()
+    full = by_label(build_variants(adapter, C, ranks=(2, 3)))
+    span = {name: SpanCovariance(C[name], adapter.factors(name)[1]) for name in SHAPES}
+    assert span["layers.0.q_proj"].core.shape == (6, 6) and span["layers.0.q_proj"].diag.shape == (40,)
+    small = by_label(build_variants(adapter, span, ranks=(2, 3)))
+    assert set(full) == set(small) and any(v.method == "svd-act" for v in small.values())
+    for label, variant in full.items():
+        for space in ("weight", "output"):
+            a, b = variant.predicted_rel_error(space), small[label].predicted_rel_error(space)
+            assert (a is None and b is None) or b == pytest.approx(a, rel=1e-9, abs=1e-12), (label, space)
+        for name, f in variant.factors.items():
+            assert torch.allclose(dense(f), dense(small[label].factors[name]), rtol=1e-6, atol=1e-9), (label, name)

@@ -107,7 +107,7 @@ def _load(job: CompareJob, is_random: bool) -> tuple[Any, Any]:
     plan = plan_offload(job.base_path, options.offload, options.max_memory, job.device, dtype,
                         tokens=options.max_tokens + options.max_length * options.batch_size)
     job.offload_plan = plan.as_dict()
-    if options.plan_sink is not None:
+    if options.plan_sink is not None and plan.stream:  # a whole-model run says nothing new
         options.plan_sink(plan.describe())
     if not plan.stream:
         return load_base(job.base_path, job.device, dtype)

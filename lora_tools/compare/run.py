@@ -50,6 +50,7 @@ class Layer:
     eigen: OutputEigen | None = None
     entries: list[tuple[int, str | None]] = field(default_factory=list)  # result rows: (approximation, budget)
     notes: list[str] = field(default_factory=list)
+    span: Any = None  # compare.span.SpanCovariance of C_calib, kept for the end-to-end stage
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -59,11 +60,16 @@ class Layer:
         return (self.lora.out_features, self.lora.in_features)
 
     def release(self, keep_calib: bool) -> None:
-        """Drop what only the per-layer report needed (C_holdout, approximations, error maps, a dense target);
-        C_calib stays when the end-to-end stage will build svd-act variants from it."""
+        """Drop what only the per-layer report needed (C_holdout, C_calib, approximations, error maps, a dense
+        target). With ``keep_calib`` the end-to-end stage's variants still need C_calib, but only where they
+        read it: ``span`` keeps it on the row space of A (compare.span), r x r instead of in x in."""
         if self.holdout is not None:
             self.holdout.release()
-        if self.calib is not None and not keep_calib:
+        if self.calib is not None:
+            if keep_calib and self.target is not None and self.target.factored:
+                from lora_tools.compare.span import SpanCovariance
+
+                self.span = SpanCovariance(self.calib.gram, self.target.A)
             self.calib.release()
         self.approximations, self.error_maps, self.eigen = [], [], None
         if self.target is not None and not self.target.factored:

@@ -36,6 +36,7 @@ import torch
 from lora_tools.adapter import Adapter
 from lora_tools.calibration import activation_aware_factors
 from lora_tools.compare.methods import lowrank_bytes
+from lora_tools.compare.span import SpanCovariance
 from lora_tools.errors import InvalidOptionError, ModuleMismatchError
 from lora_tools.linalg import lowrank_svd
 from lora_tools.linalg.truncate import allocate_ranks
@@ -131,7 +132,7 @@ class _Module:
     U: torch.Tensor  # (out, m) left singular vectors of s·B·A
     S: torch.Tensor  # (m,)
     Vh: torch.Tensor  # (m, in)
-    C: torch.Tensor | None = None  # (in, in) calibration covariance
+    C: SpanCovariance | None = None  # the calibration covariance where the variants read it
     quadratic: torch.Tensor | None = None  # (m,) v_iᵀ C v_i, for output-space truncation tails
     eigen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # activation_aware_factors(...)
 
@@ -167,15 +168,19 @@ class _Module:
 
 
 def uniform_noise_sq(factors: ModuleFactors, step_B: torch.Tensor, step_A: torch.Tensor,
-                     C: torch.Tensor | None = None) -> float:
+                     C: torch.Tensor | SpanCovariance | None = None) -> float:
     """Widrow's uniform-noise prediction E‖s·(N_B A + B N_A) X‖² for rounding steps (step_B: (out, k), step_A:
     (k, in)); C = None means weight space (C = I). Same first-order model as
-    ``compare.metrics.uniform_noise_prediction``, written here without forming an (in, in) identity."""
+    ``compare.metrics.uniform_noise_prediction``, written here without forming an (in, in) identity. A
+    ``SpanCovariance`` serves when the factors' A lies in the row space it was built for."""
     B = factors.B.to(torch.float64)
     A = factors.A.to(torch.float64)
     if C is None:
         diag = torch.ones(A.shape[1], dtype=torch.float64)
         G_diag = A.square().sum(dim=1)  # (k,): (A Aᵀ)_ii
+    elif isinstance(C, SpanCovariance):
+        diag = C.diag
+        G_diag = C.quadratic_rows(A)
     else:
         C = C.to(torch.float64)
         diag = torch.diagonal(C)
@@ -205,7 +210,7 @@ class VariantBuilder:
     """Decomposes every module once (SVD, and the output eigenproblem where C is given), then builds variants."""
 
     @torch.no_grad()
-    def __init__(self, adapter: Adapter, covariances: Mapping[str, torch.Tensor] | None = None,
+    def __init__(self, adapter: Adapter, covariances: Mapping[str, torch.Tensor | SpanCovariance] | None = None,
                  modules: Iterable[str] | None = None) -> None:
         covariances = covariances or {}
         names = list(adapter.modules) if modules is None else list(modules)
@@ -228,8 +233,8 @@ class VariantBuilder:
                 if tuple(C.shape) != (A.shape[1], A.shape[1]):
                     raise ModuleMismatchError(f"module {name}: input covariance has shape {tuple(C.shape)}, "
                                               f"expected {(A.shape[1], A.shape[1])}")
-                module.C = C.to(torch.float64)
-                module.quadratic = ((svd.Vh @ module.C) * svd.Vh).sum(dim=1)  # (m,) v_iᵀ C v_i
+                module.C = C if isinstance(C, SpanCovariance) else SpanCovariance(C, A)
+                module.quadratic = module.C.quadratic_rows(svd.Vh)  # (m,) v_iᵀ C v_i
                 module.eigen = activation_aware_factors(B, A, scale, module.C)
             self.modules[name] = module
         self.reference = {n: PredictedError(m.weight_energy, m.output_energy) for n, m in self.modules.items()}
@@ -317,7 +322,7 @@ class VariantBuilder:
 
 
 @torch.no_grad()
-def build_variants(adapter: Adapter, covariances: Mapping[str, torch.Tensor] | None = None, *,
+def build_variants(adapter: Adapter, covariances: Mapping[str, torch.Tensor | SpanCovariance] | None = None, *,
                    ranks: Sequence[int] = DEFAULT_RANKS, schemes: Sequence[str] = DEFAULT_SCHEMES,
                    mixed_schemes: Sequence[str] = DEFAULT_MIXED_SCHEMES, avg_rank: bool = True,
                    identity: bool = True, modules: Iterable[str] | None = None) -> list[Variant]:

@@ -86,9 +86,10 @@ def variant_count(job: Any) -> int:
 
 
 def run_end_to_end(job: Any, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """The ``end_to_end`` section for a job whose per-layer run is done (its layers hold their covariances)."""
+    """The ``end_to_end`` section for a job whose per-layer run is done (its layers hold C_calib on the row
+    space of A: ``Layer.span``)."""
     names = [layer.name for layer in job.layers if layer.lora is not None]
-    covariances = {layer.name: layer.calib.gram for layer in job.layers if layer.calib is not None}
+    covariances = {layer.name: layer.span for layer in job.layers if layer.span is not None}
     variants = build_variants(job.adapter, covariances, ranks=job.ranks, schemes=[s.name for s in job.schemes],
                               mixed_schemes=MIXED_SCHEMES, avg_rank=True, identity=True, modules=names)
     reference, others = variants[0], variants[1:]
