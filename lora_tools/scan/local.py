@@ -57,13 +57,15 @@ def run_local(tasks: list[ScanTask], options: ScanOptions, jobs: int, on_result:
     while pending or suspects:
         executor = ProcessPoolExecutor(max_workers=jobs, mp_context=pool_context(), initializer=worker_init)
         try:
-            if suspects:
+            broken = False
+            while suspects and not broken:
                 index = suspects.popleft()
                 if not _run_alone(executor, tasks[index], options, func, index, accept):
                     accept(index, error_line(tasks[index], f"{tasks[index].path}: the worker process died while "
                                                             "scanning it, twice (killed, out of memory or crashed)"))
-                continue
-            suspects.extend(_run_batch(executor, tasks, options, func, jobs, pending, accept))
+                    broken = True  # this pool is gone: the next round starts a fresh one
+            if not broken and pending:
+                suspects.extend(_run_batch(executor, tasks, options, func, jobs, pending, accept))
         finally:
             _stop(executor)
 
