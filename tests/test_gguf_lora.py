@@ -350,3 +350,17 @@ def test_token_embedding_layout(tmp_path: Path) -> None:
     module = written.modules["model.embed_tokens"]
     assert module.kind == "embedding" and module.scale == 1.0
     assert torch.equal(written.delta_weight("model.embed_tokens"), original.delta_weight("model.embed_tokens"))
+
+
+def test_foreign_gguf_without_head_counts_written_back_as_read(tmp_path: Path) -> None:
+    """Rows a reader could not un-permute (no head count in the file) are written back unchanged, not permuted a
+    second time: truncating at full rank gives the same tensors."""
+    source = _foreign_lora(tmp_path / "plain.gguf")
+    out = tmp_path / "t.gguf"
+    assert run_cli("truncate", str(source), "-o", str(out), "--rank", "4").exit_code == 0
+    before, _ = raw_tensors(source)
+    after, _ = raw_tensors(out)
+    for name in ("blk.0.attn_q.weight", "blk.1.ffn_up.weight"):
+        delta_before = before[f"{name}.lora_b"][1].astype(np.float64) @ before[f"{name}.lora_a"][1]
+        delta_after = after[f"{name}.lora_b"][1].astype(np.float64) @ after[f"{name}.lora_a"][1]
+        assert np.allclose(delta_after, delta_before, rtol=1e-5, atol=1e-5), name

@@ -109,7 +109,7 @@ def test_llama_cpp_matches_transformers_peft(f32_base: Path, tmp_path: Path,
 
     # control: q/k rows left in transformers' order (written directly: convert's verification refuses this file)
     unpermuted = tmp_path / "unpermuted.gguf"
-    monkeypatch.setattr(gguf_names, "heads_for", lambda kind, base: None)
+    monkeypatch.setattr(gguf_names, "permute_rows", lambda rows, heads, inverse=False: rows)
     gguf_write.write_gguf(load_adapter(example), unpermuted, base=gguf_names.resolve_base(f32_base, None, "test"))
     monkeypatch.undo()
 

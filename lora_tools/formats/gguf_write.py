@@ -208,10 +208,15 @@ def write_gguf(adapter: Adapter, path: Path, *, force: bool = False, base: GGUFB
                 B = (B.to(torch.float64) * wanted)
                 written.baked[name] = wanted
             heads = gguf_names.heads_for(kinds.get(name, ""), base)
-            if heads:
-                if base.n_head is None or B.shape[0] % (2 * heads):
+            if heads is None and base.permuted and kinds.get(name) in ("attn_q", "attn_k"):
+                # A GGUF read without head counts kept llama.cpp's row order: its rows go back as they are.
+                if adapter.format != "gguf":
+                    raise BaseModelError(f"{base.source}: no attention head count, needed to lay out {name}'s rows "
+                                         "in llama.cpp's rotary order; pass a --base that has it")
+            elif heads:
+                if B.shape[0] % (2 * heads):
                     raise BaseModelError(f"{base.source}: cannot lay out {name} for llama.cpp: {B.shape[0]} rows "
-                                         f"and {heads} heads (head counts missing or wrong)")
+                                         f"do not split into {heads} heads of rotary pairs")
                 B = gguf_names.permute_rows(B, heads)
                 written.permuted.append(name)
             lora_a = A.T if module.kind == "embedding" else A  # token_embd: lora_a holds A transposed
