@@ -32,6 +32,10 @@ def resolve_base(adapter: Adapter | None, base: Path | str | None) -> Path:
     ``org/name[@rev][:subfolder]`` or a bundled base's name), else the adapter's ``base_model_name_or_path``
     resolved the same way."""
     if base is not None:
+        if adapter is not None and adapter.format == "gguf":  # llama.cpp refuses a LoRA of another architecture
+            from lora_tools.formats.gguf_names import check_same_arch
+
+            check_same_arch(adapter, base)
         return resolve_base_reference(base)
     name = adapter.base_model if adapter is not None else None
     if not name:

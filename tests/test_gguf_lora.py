@@ -231,6 +231,10 @@ def test_arch_mismatch_with_base(tmp_path: Path) -> None:
         result = convert(str(lora), "-o", str(out), "--to", target, "--base", str(BUNDLED))
         assert_one_line_error(result, "'qwen2'", "'llama'", "mismatch")
         assert not out.exists()
+    report = tmp_path / "report"
+    result = run_cli("compare-quant", str(lora), "--base", str(BUNDLED), "--report", str(report))
+    assert_one_line_error(result, "'qwen2'", "'llama'", "mismatch")
+    assert not report.exists()
 
 
 def test_base_architecture_without_name_map(tmp_path: Path) -> None:

@@ -330,7 +330,7 @@ def convert(source: Path, output: Path, to: str, *, base: Path | None = None, pr
     check_not_input(output, inputs)
     check_output(output, force, inputs)
     if adapter.format == "gguf" and base is not None:
-        from lora_tools.convert.to_gguf import check_same_arch
+        from lora_tools.formats.gguf_names import check_same_arch
 
         check_same_arch(adapter, base)
     plan = plan_conversion(adapter, to, base=base, prefix=prefix, allow_partial=allow_partial)

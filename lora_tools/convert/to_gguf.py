@@ -21,6 +21,7 @@ from lora_tools.adapter import Adapter
 from lora_tools.convert.run import canonical_names
 from lora_tools.convert.verify import VerificationError
 from lora_tools.formats import gguf_lora, gguf_write
+from lora_tools.formats.gguf_names import check_same_arch
 from lora_tools.linalg.products import relative_difference
 
 # Bound on the relative ΔW difference per stored type: exact float32 still moves by the rounding of a baked scale.
@@ -133,18 +134,3 @@ def convert_to_gguf(source: Path, output: Path, *, base: Path | str | None = Non
                  "q8_0_fallbacks": written.fallbacks},
         "warnings": warnings + list(readback.warnings),
     }
-
-
-def check_same_arch(adapter: Adapter, base: Path | str) -> None:
-    """A GGUF LoRA used with ``--base``: the architectures must agree, as llama.cpp requires."""
-    from lora_tools.errors import BaseModelError
-    from lora_tools.formats.gguf_names import resolve_base
-
-    if adapter.format != "gguf":
-        return
-    arch = adapter.metadata.get("general.architecture")
-    target = resolve_base(base, None, str(adapter.path))
-    if arch != target.arch:
-        raise BaseModelError(f"{adapter.path}: this GGUF LoRA is for architecture {arch!r} but --base {base} is "
-                             f"{target.arch!r} ({target.source}); llama.cpp refuses the pair (model arch and LoRA "
-                             "arch mismatch)")

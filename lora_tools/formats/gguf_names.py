@@ -194,3 +194,15 @@ def heads_for(kind: str, base: GGUFBase) -> int | None:
     if kind == "attn_k":
         return base.n_head_kv
     return None
+
+
+def check_same_arch(adapter: Any, base: Path | str) -> None:
+    """A GGUF LoRA used with ``--base``: the architectures must agree, as llama.cpp requires."""
+    if getattr(adapter, "format", None) != "gguf":
+        return
+    arch = adapter.metadata.get("general.architecture")
+    target = resolve_base(base, None, str(adapter.path))
+    if arch != target.arch:
+        raise BaseModelError(f"{adapter.path}: this GGUF LoRA is for architecture {arch!r} but --base {base} is "
+                             f"{target.arch!r} ({target.source}); llama.cpp refuses the pair (model arch and LoRA "
+                             "arch mismatch)")
