@@ -12,7 +12,7 @@ the same token ids (llama.cpp's tokenizer) of held-out prompts (text not in the 
 every position.
 
 Measured (2-core x86_64, llama-cpp-python 0.3.36, 231 positions of 12 prompts): top-1 agreement 1.0, mean KL
-5.2e-7 nats (max 8.7e-6). The bounds leave room above that; two controls show the check can fail: the reference
+5.2e-7 nats (max 8.7e-6); with ``--dtype q8_0`` top-1 1.0, mean KL 1.2e-6. The bounds leave room above that; two controls show the check can fail: the reference
 without the adapter (top-1 0.60, mean KL 0.48) and our LoRA written without the q/k row permutation.
 """
 
@@ -36,6 +36,7 @@ pytestmark = pytest.mark.skipif(BUNDLED is None, reason="the bundled SmolLM2 GGU
 
 MIN_TOP1 = 0.99
 MAX_MEAN_KL = 1e-4  # nats, KL(reference || llama.cpp) averaged over positions; measured 5e-7
+Q8_MIN_TOP1, Q8_MAX_MEAN_KL = 0.99, 1e-4  # --dtype q8_0 (A in 8 bits per block of 32); measured 1.2e-6
 PROMPTS = [
     "The history of the printing press begins in the fifteenth century, when a goldsmith in Mainz",
     "Photosynthesis converts light energy into chemical energy. In the leaves of green plants, chlorophyll",
@@ -126,7 +127,9 @@ def test_llama_cpp_matches_transformers_peft(f32_base: Path, tmp_path: Path,
 
     tokenizer = llama_cpp.Llama(model_path=str(f32_base), vocab_only=True, verbose=False)
     token_ids = [tokenizer.tokenize(prompt.encode(), add_bos=False) for prompt in PROMPTS]
-    ours, wrong_layout = llama_scores(lora), llama_scores(unpermuted)
+    q8 = tmp_path / "example-llm-q8_0.gguf"  # lora_a as Q8_0, lora_b (rows of r = 8 values) as F16
+    assert convert_to_gguf(example, q8, base=f32_base, dtype="q8_0")["gguf"]["types"] == {"Q8_0": 210, "F16": 210}
+    ours, wrong_layout, ours_q8 = llama_scores(lora), llama_scores(unpermuted), llama_scores(q8)
     model, _ = load_gguf_model(f32_base, "cpu", torch.float32, need_tokenizer=False)
     base_logits = np.concatenate([model(torch.tensor([ids])).logits[0].double().numpy() for ids in token_ids])
     peft_model = PeftModel.from_pretrained(model, str(example)).eval()
@@ -135,11 +138,14 @@ def test_llama_cpp_matches_transformers_peft(f32_base: Path, tmp_path: Path,
     top1, mean_kl, max_kl = compare(reference, ours)
     control_top1, control_kl, _ = compare(base_logits, ours)
     _, unpermuted_kl, _ = compare(reference, wrong_layout)
+    q8_top1, q8_kl, q8_max = compare(reference, ours_q8)
     print(f"\nllama.cpp (llama-cpp-python {llama_cpp.__version__}) + our GGUF LoRA vs transformers + PEFT on "
           f"{len(ours)} positions of {len(PROMPTS)} held-out prompts: top-1 agreement {top1:.4f}, mean KL "
           f"{mean_kl:.3g} nats (max {max_kl:.3g}); control, reference without the adapter: top-1 "
-          f"{control_top1:.4f}, mean KL {control_kl:.3g}; control, q/k rows not permuted: mean KL {unpermuted_kl:.3g}")
+          f"{control_top1:.4f}, mean KL {control_kl:.3g}; control, q/k rows not permuted: mean KL {unpermuted_kl:.3g}; --dtype q8_0: top-1 {q8_top1:.4f}, "
+          f"mean KL {q8_kl:.3g} (max {q8_max:.3g})")
     assert top1 >= MIN_TOP1
     assert mean_kl <= MAX_MEAN_KL
     assert control_kl > 100 * MAX_MEAN_KL  # the adapter matters: the check can fail
     assert unpermuted_kl > 10 * MAX_MEAN_KL  # and so does llama.cpp's rotary row order
+    assert q8_top1 >= Q8_MIN_TOP1 and q8_kl <= Q8_MAX_MEAN_KL
