@@ -11,8 +11,8 @@ The adapter: every LoRA-able layer of the 19 double and 38 single blocks at the 
 
 Usage::
 
-    python benchmarks/bench_image_convert.py                 # print the table
-    python benchmarks/bench_image_convert.py --write-report  # ... and update reports/benchmarks.md
+    python benchmarks/bench_image_convert.py --threads 1                 # print the table
+    python benchmarks/bench_image_convert.py --threads 1 --write-report  # ... and update reports/benchmarks.md
 """
 
 from __future__ import annotations
@@ -73,11 +73,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--write-report", action="store_true")
     parser.add_argument("--report", type=Path, default=DEFAULT_REPORT)
     args = parser.parse_args()
 
     from lora_tools.convert.run import convert
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         kohya, diffusers, back = Path(tmp) / "flux.safetensors", Path(tmp) / "d.safetensors", Path(tmp) / "k.safetensors"
@@ -98,7 +102,8 @@ def main() -> None:
             f"every LoRA-able layer at the real widths).\n\n{table}\nSplit layers keep A and take their rows of "
             "B (copies, no arithmetic); fusing stacks A and writes B block-diagonal. Verification compares every "
             "row block of the written file with the input: bit-identical copied columns need no QR.\n"
-            f"Load average (1 min) {load:.1f}; torch {torch.__version__}, {os.cpu_count()} CPUs.")
+            f"Load average (1 min) {load:.1f}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+            f"{os.cpu_count()} CPUs.")
     print(body)
     if args.write_report:
         command = "python benchmarks/bench_image_convert.py " + shlex.join(sys.argv[1:])
