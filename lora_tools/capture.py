@@ -17,7 +17,7 @@ import logging
 import math
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,35 +31,45 @@ log = logging.getLogger(__name__)
 InputCallback = Callable[[str, torch.Tensor], None]
 
 
-@dataclass
 class CovarianceAccumulator:
-    """Running C = Σ x xᵀ over tokens (float64, on the inputs' device) and the token count."""
+    """Running C = Σ x xᵀ over tokens (float64, on the inputs' device) and the token count.
 
-    dim: int
-    device: Any = "cpu"
-    gram: torch.Tensor = field(init=False)
-    tokens: int = 0
+    The (in, in) matrix is allocated by the first batch: a split that sees no tokens (``--holdout 0``) costs
+    nothing, and reads as zeros.
+    """
 
-    def __post_init__(self) -> None:
-        self.gram = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+    def __init__(self, dim: int, device: Any = "cpu") -> None:
+        self.dim, self.device, self.tokens = dim, device, 0
+        self._gram: torch.Tensor | None = None
+        self._released = False
+
+    @property
+    def gram(self) -> torch.Tensor:
+        if self._released:
+            raise RuntimeError("covariance read after release()")
+        if self._gram is None:
+            return torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+        return self._gram
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         """Add the tokens of ``x`` (T, in)."""
+        if self._gram is None:
+            self._gram = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
         if x.device.type == "cpu":
             # On CPU the batch's Gram matrix is formed in float32 (this product dominates a run's cost, and a
             # float64 GEMM is slower still) and summed across batches in float64, so the rounding does not grow
             # with the number of batches. Per batch it is ~1e-6 relative — far below any error reported here.
             x32 = x.to(torch.float32)
-            self.gram += (x32.T @ x32).to(torch.float64)
+            self._gram += (x32.T @ x32).to(torch.float64)
         else:
             x64 = x.to(torch.float64)
-            self.gram.addmm_(x64.T, x64)
+            self._gram.addmm_(x64.T, x64)
         self.tokens += x.shape[0]
 
     def release(self) -> None:
         """Free C, keep the token count (a finished layer's report still says how many tokens it saw)."""
-        self.gram = None
+        self._gram, self._released = None, True
 
 
 class _MaskState:

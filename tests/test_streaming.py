@@ -16,13 +16,12 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 pytest.importorskip("peft")
 
-from tests.helpers import minilm_path  # noqa: E402
-
 from lora_tools.compare import CompareOptions, prepare_compare  # noqa: E402
 from lora_tools.errors import LoraToolsError  # noqa: E402
 from lora_tools.formats import load_adapter  # noqa: E402
 from lora_tools.model.offload import parse_memory, plan_offload  # noqa: E402
 from lora_tools.model.stream import StreamedModel, read_checkpoint  # noqa: E402
+from tests.helpers import minilm_path  # noqa: E402
 
 KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

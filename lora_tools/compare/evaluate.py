@@ -40,29 +40,51 @@ def add_holdout_tokens(layer: Any, x: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def finalize_layer(layer: Any, device: torch.device) -> dict[str, Any]:
-    """The layer's report row: Frobenius errors from C_calib / C_holdout, error structure, noise-model
-    prediction, the streamed per-token statistics, and the built-in optimality check of svd-act."""
+def measure_calibration(layer: Any, device: torch.device, keep_span: bool) -> None:
+    """Everything that reads C_calib, right after the fit: each approximation's calibration error, the built-in
+    check that svd-act's error² is the eigenvalue tail, the noise prediction on calibration inputs and (for the
+    end-to-end stage) C_calib on the row space of A. C_calib is freed here, so a layer never holds two (in, in)
+    covariances: the held-out one is allocated by the first held-out batch."""
     target = layer.target
-    C_calib, C_hold = layer.calib.gram, layer.holdout.gram
-    has_hold = layer.holdout.tokens > 0
+    C_calib = layer.calib.gram
     W = target.dense(torch.float64).to(device)  # (out, in)
-    calib_ctx = EnergyContext(target, C_calib, W)
-    hold_ctx = EnergyContext(target, C_hold, W)
-    y_calib, y_hold = calib_ctx.y, hold_ctx.y
-    eigen = layer.eigen
-    computed = []
-    for approx, stats in zip(layer.approximations, layer.stats, strict=True):
-        err_calib, _, _ = calib_ctx.energies(approx)
-        err_hold, y_hat_hold, inner = hold_ctx.energies(approx)
+    context = EnergyContext(target, C_calib, W)
+    errors = []
+    for approx in layer.approximations:
+        err_calib, _, _ = context.energies(approx)
         if approx.method == "svd-act":
-            expected = eigen.tail_energy(approx.rank)
-            if abs(err_calib - expected) > OPTIMAL_CHECK_RTOL * y_calib + 1e-300:
+            expected = layer.eigen.tail_energy(approx.rank)
+            if abs(err_calib - expected) > OPTIMAL_CHECK_RTOL * context.y + 1e-300:
                 raise LoraToolsError(
                     f"internal check failed for {layer.name}: svd-act error² {err_calib:.6g} at rank "
                     f"{approx.rank} differs from the eigenvalue tail {expected:.6g}")
+        errors.append(err_calib)
+    layer.calib_energy = (context.y, errors)
+    layer.calib_noise = [uniform_noise_prediction(approx, target, C_calib) for approx in layer.approximations]
+    if keep_span and target.factored:
+        from lora_tools.compare.span import SpanCovariance
+
+        layer.span = SpanCovariance(C_calib, target.A)
+    layer.calib.release()
+
+
+@torch.no_grad()
+def finalize_layer(layer: Any, device: torch.device) -> dict[str, Any]:
+    """The layer's report row: Frobenius errors from C_holdout (and the calibration ones measured after the fit),
+    error structure, noise-model prediction and the streamed per-token statistics."""
+    target = layer.target
+    has_hold = layer.holdout.tokens > 0
+    W = target.dense(torch.float64).to(device)  # (out, in)
+    hold_ctx = EnergyContext(target, layer.holdout.gram, W) if has_hold else None
+    y_calib, calib_errors = layer.calib_energy
+    y_hold = hold_ctx.y if hold_ctx is not None else 0.0
+    computed = []
+    for i, (approx, stats) in enumerate(zip(layer.approximations, layer.stats, strict=True)):
+        err_calib = calib_errors[i]
+        err_hold, y_hat_hold, inner = hold_ctx.energies(approx) if hold_ctx is not None else (0.0, 0.0, 0.0)
         stable_rank, top1 = approximation_error_structure(target, approx, W)
-        predicted = uniform_noise_prediction(approx, target, C_hold if has_hold else C_calib)
+        predicted = (uniform_noise_prediction(approx, target, layer.holdout.gram) if has_hold
+                     else layer.calib_noise[i])
         measured = err_hold if has_hold else err_calib
         computed.append({
             "method": approx.method,

@@ -6,7 +6,8 @@ per layer from its weights and C_calib), ``evaluate`` (held-out statistics, each
 roll-up) and ``whole_model`` (the end-to-end stage). ``CompareJob.run`` drives them; per stage of the feed:
 
 1. forward the calibration split (adapter applied by hooks for ``delta``/``merged``): C_calib = Σ x xᵀ per layer;
-2. fit every method per layer;
+2. fit every method per layer, measure everything that reads C_calib, and free C_calib (a layer never holds
+   two in x in covariances);
 3. forward the held-out split: C_holdout and streamed per-token statistics of every method's ΔY;
 4. finalize each layer's row and free what only it needed, so a streamed run holds one block's statistics.
 
@@ -51,6 +52,8 @@ class Layer:
     entries: list[tuple[int, str | None]] = field(default_factory=list)  # result rows: (approximation, budget)
     notes: list[str] = field(default_factory=list)
     span: Any = None  # compare.span.SpanCovariance of C_calib, kept for the end-to-end stage
+    calib_energy: tuple[float, list[float]] | None = None  # ‖Y‖² and each approximation's error² on calibration
+    calib_noise: list[float | None] = field(default_factory=list)  # uniform-noise predictions on calibration
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -59,18 +62,11 @@ class Layer:
             return self.target.shape
         return (self.lora.out_features, self.lora.in_features)
 
-    def release(self, keep_calib: bool) -> None:
-        """Drop what only the per-layer report needed (C_holdout, C_calib, approximations, error maps, a dense
-        target). With ``keep_calib`` the end-to-end stage's variants still need C_calib, but only where they
-        read it: ``span`` keeps it on the row space of A (compare.span), r x r instead of in x in."""
+    def release(self) -> None:
+        """Drop what only the per-layer report needed (C_holdout, approximations, error maps, a dense target);
+        C_calib went after the fit (evaluate.measure_calibration), leaving ``span`` for the end-to-end stage."""
         if self.holdout is not None:
             self.holdout.release()
-        if self.calib is not None:
-            if keep_calib and self.target is not None and self.target.factored:
-                from lora_tools.compare.span import SpanCovariance
-
-                self.span = SpanCovariance(self.calib.gram, self.target.A)
-            self.calib.release()
         self.approximations, self.error_maps, self.eigen = [], [], None
         if self.target is not None and not self.target.factored:
             self.target = None
@@ -141,7 +137,7 @@ class CompareJob:
     @torch.no_grad()
     def run(self, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
         from lora_tools.compare.capture import make_feed
-        from lora_tools.compare.evaluate import add_holdout_tokens, finalize_layer
+        from lora_tools.compare.evaluate import add_holdout_tokens, finalize_layer, measure_calibration
         from lora_tools.compare.fit import fit_layer
         from lora_tools.compare.report import build_report
 
@@ -160,12 +156,12 @@ class CompareJob:
             feed.forward("calib", lambda name, x: self._by_name[name].calib.update(x), factors)
             for layer in layers:
                 fit_layer(layer, self.schemes, self.ranks, self.device)
+                measure_calibration(layer, self.device, keep_span=self.end_to_end)
                 advance(1)
             feed.forward("holdout", lambda name, x: add_holdout_tokens(self._by_name[name], x), factors)
             for layer in layers:
                 rows[layer.name] = finalize_layer(layer, self.device)
-                # The row is done: only C_calib (svd-act variants of the end-to-end stage) may still be needed.
-                layer.release(keep_calib=self.end_to_end)
+                layer.release()
             release_free_memory()
         report = build_report(self, [rows[layer.name] for layer in self.layers])
         if self.end_to_end:
@@ -176,7 +172,10 @@ class CompareJob:
             report["end_to_end"] = None
             report["end_to_end_skipped"] = self.end_to_end_skipped
         if self.offload_plan is not None:
-            report["offload"] = self.offload_plan
+            report["offload"] = dict(self.offload_plan)
+            if self.stream is not None:  # the floor of a streamed run: reading every block's weights
+                report["offload"].update(bytes_read=self.stream.bytes_read,
+                                         seconds_reading=round(self.stream.seconds_reading, 3))
         return report
 
 
