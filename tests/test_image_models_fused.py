@@ -214,3 +214,12 @@ def test_sdxl_is_told_from_sd1_by_its_cross_attention_width(tmp_path: Path, cont
                                                             "target_modules": ["to_k"]}))
     report = convert(folder, tmp_path / "k.safetensors", "kohya")
     assert report["mapping"] == {name: expected}
+
+
+def test_within_one_format_names_and_factors_stay(tmp_path: Path) -> None:
+    source = kohya_file(tmp_path / "flux.safetensors", {"lora_unet_double_blocks_0_img_attn_qkv": (24, 8, 2),
+                                                        "lora_unet_single_blocks_0_linear1": (56, 8, 2)})
+    report = convert(source, tmp_path / "same.safetensors", "kohya")
+    assert report["layer_groups"] == {"split": 0, "fuse": 0, "swap": 0}
+    original, again = load_file(str(source)), load_file(str(tmp_path / "same.safetensors"))
+    assert set(original) == set(again) and all(torch.equal(original[k], again[k]) for k in original)

@@ -87,8 +87,10 @@ def plan_layers(adapter: Adapter, canonical: dict[str, Canonical], to: str,
                                   "convert one model's adapter at a time")
     family = next(iter(found_families.values()))
     target = family.kohya_naming if to == "kohya" else "diffusers"
-    if to == adapter.format and all(naming == target for _, naming in located.values()):
-        return None  # already in the target's naming: names stay as they are
+    if to == adapter.format and (to != "diffusers" or all(naming == target for _, naming in located.values())):
+        # names stay as they are within a format, except a diffusers-format file in the model's own names
+        # (ComfyUI's diffusion_model.*, XLabs), which --to diffusers brings to diffusers' layers
+        return None
     component = "unet" if target != "diffusers" else family.split_component
     owner = family.atom_owner
 
