@@ -372,3 +372,21 @@ def test_entry_histogram_from_bit_patterns_matches_log10_histogram() -> None:
         edge = float(edges[i + 1])
         near = int(((logs > edge - width) & (logs < edge + width)).sum())
         assert abs(float(cdf_fast[i]) - float(cdf_exact[i])) <= near + 1e-6
+
+
+def test_output_eigen_of_a_tall_dense_target_matches_the_direct_eigendecomposition() -> None:
+    """out > in takes the thin-SVD route: same eigenvalues, same top subspace as eigh of W C Wᵀ."""
+    from lora_tools.compare.methods import output_eigen
+
+    gen = torch.Generator().manual_seed(4)
+    W = torch.randn(60, 20, generator=gen, dtype=torch.float64)
+    X = torch.randn(20, 15, generator=gen, dtype=torch.float64)  # rank-deficient C (15 < 20)
+    C = X @ X.T
+    eigen = output_eigen(Target((60, 20), weight=W.float()), C)
+    M = W.float().double() @ C @ W.float().double().T
+    values, vectors = torch.linalg.eigh(M)
+    values, vectors = values.flip(0), vectors.flip(1)
+    assert torch.allclose(eigen.values[:15], values[:15], rtol=1e-8)
+    assert eigen.values[15:].abs().max() < 1e-8 * values[0]
+    top = eigen.vectors[:, :5]
+    assert torch.allclose(top @ top.T, vectors[:, :5] @ vectors[:, :5].T, atol=1e-8)

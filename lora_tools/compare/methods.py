@@ -199,17 +199,25 @@ def output_eigen(target: Target, C: torch.Tensor) -> OutputEigen:
     """Eigenpairs of W C Wᵀ (out x out) — through an r x r core when W = s·B·A is factored.
 
     Factored: B = Q R (thin QR, Q: (out, r)), so W C Wᵀ = Q (s² R G Rᵀ) Qᵀ with G = A C Aᵀ (r x r); the core's
-    eigenvectors V give U = Q V. Dense: eigh of the (out, out) matrix, O(out³) — fine for layers up to a few
-    thousand outputs (MiniLM's largest is 1536).
+    eigenvectors V give U = Q V. Dense: eigh of the (out, out) matrix when out <= in, else the thin SVD of W C^½.
     """
     C = C.to(torch.float64)
     if target.factored:
         vectors, values, _ = activation_aware_factors(target.B, target.A, target.scale, C)
     else:
         W = target.weight.to(torch.float64)
-        M = W @ C @ W.T  # (out, out)
-        values, vectors = torch.linalg.eigh((M + M.T) / 2)
-        values, vectors = values.flip(0), vectors.flip(1)
+        if W.shape[0] <= W.shape[1]:
+            M = W @ C @ W.T  # (out, out)
+            values, vectors = torch.linalg.eigh((M + M.T) / 2)
+            values, vectors = values.flip(0), vectors.flip(1)
+        else:
+            # More outputs than inputs (gate/up projections): W C Wᵀ = (W L)(W L)ᵀ with C = L Lᵀ, so its
+            # eigenpairs are the left singular pairs of the (out, in) matrix W L — an O(out·in²) thin SVD instead
+            # of an O(out³) eigendecomposition (5632 x 2048: about 10x less work).
+            c_values, c_vectors = torch.linalg.eigh((C + C.T) / 2)
+            L = c_vectors * c_values.clamp_min(0).sqrt()  # (in, in)
+            U, S, _ = torch.linalg.svd(W @ L, full_matrices=False)
+            values, vectors = S.square(), U
     return OutputEigen(values, vectors)
 
 
