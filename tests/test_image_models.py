@@ -357,3 +357,17 @@ def test_wan_diffusers_to_kohya_is_musubi_naming_diffusers_reads_back(tmp_path: 
     assert set(got) == set(expected)
     for name, (B_ref, A_ref) in expected.items():
         assert relative_difference(*got[name], B_ref, A_ref) < TOLERANCE, name
+
+
+def test_kohya_names_of_diffusers_layers_match_diffusers(tmp_path: Path) -> None:
+    """Kohya files that flatten diffusers' layer names (lora_transformer_..., diffusers' 'mixture' format)."""
+    f, h = Factory(8), 16
+    for leaf, out, inp in (("transformer_blocks_0_attn_to_q", h, h), ("transformer_blocks_0_attn_to_k", h, h),
+                           ("transformer_blocks_0_attn_to_v", h, h), ("transformer_blocks_0_attn_to_out_0", h, h),
+                           ("single_transformer_blocks_2_attn_to_q", h, h)):  # the layers diffusers maps there
+        f.kohya(f"lora_transformer_{leaf}", out, inp, 4, alpha=2)
+    source = f.save(tmp_path / "mixture.safetensors")
+    out = tmp_path / "ours.safetensors"
+    convert(source, out, "diffusers")
+    expected = oracle_modules(conversion._convert_kohya_flux_lora_to_diffusers(load_file(str(source))))
+    assert_same_updates(out, expected)
