@@ -37,3 +37,19 @@ class InvalidOptionError(LoraToolsError, ValueError):
 
 class BaseModelError(LoraToolsError, ValueError):
     """A base model that cannot be found, loaded or matched to the adapter (missing files, unknown name)."""
+
+
+def user_message(exc: BaseException) -> str | None:
+    """The one line a user sees after ``error:`` for a failure of theirs (bad input: our errors, OS errors, memory),
+    or None for an exception that is a bug. The CLI's error boundary and ``scan``'s error lines both use it, so a
+    file reads the same in either."""
+    if isinstance(exc, LoraToolsError):
+        text = str(exc)
+    elif isinstance(exc, OSError):
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        text = f"{where}{exc.strerror or exc}"
+    elif isinstance(exc, MemoryError):
+        text = "out of memory"
+    else:
+        return None
+    return " ".join(text.split())

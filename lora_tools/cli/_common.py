@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from lora_tools.errors import InvalidOptionError, LoraToolsError
+from lora_tools.errors import InvalidOptionError, LoraToolsError, user_message
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -86,13 +86,8 @@ def error_boundary(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except BrokenPipeError:
             quiet_broken_pipe()
-        except LoraToolsError as exc:
-            fail(_one_line(str(exc)), as_json)
-        except OSError as exc:
-            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-            fail(_one_line(f"{where}{exc.strerror or exc}"), as_json)
-        except MemoryError:
-            fail("out of memory", as_json)
+        except (LoraToolsError, OSError, MemoryError) as exc:
+            fail(user_message(exc), as_json)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_tools.errors import LoraToolsError
+from lora_tools.errors import LoraToolsError, user_message
 from lora_tools.scan.discover import WEIGHT_SUFFIXES, ScanTask
 
 # Slot ranks at which the worst module's retained energy is recorded (for the "cap the slot rank" table).
@@ -39,18 +39,9 @@ class ScanOptions:
 
 
 def error_message(exc: BaseException) -> str:
-    """The line ``loratools inspect`` prints after ``error:`` for this exception (cli._common.error_boundary's
-    mapping), or, for an exception inspect would not catch (a bug), its type and text."""
-    if isinstance(exc, LoraToolsError):
-        text = str(exc)
-    elif isinstance(exc, OSError):
-        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        text = f"{where}{exc.strerror or exc}"
-    elif isinstance(exc, MemoryError):
-        text = "out of memory"
-    else:
-        text = f"internal error: {type(exc).__name__}: {exc}"
-    return " ".join(text.split())
+    """The line ``loratools inspect`` prints after ``error:`` for this exception (``errors.user_message``, the
+    CLI's own mapping), or, for an exception inspect would not catch (a bug), its type and text."""
+    return user_message(exc) or " ".join(f"internal error: {type(exc).__name__}: {exc}".split())
 
 
 def error_line(task: ScanTask, message: str, seconds: float = 0.0) -> dict[str, Any]:
