@@ -16,6 +16,7 @@ import torch
 from lora_tools.adapter import Adapter
 from lora_tools.capture import (
     CovarianceAccumulator,
+    SharedInputs,
     read_documents,
     tokenize_documents,
 )
@@ -88,8 +89,10 @@ def collect_covariances(adapter: Adapter, base: Path | None, calib: Path | None,
     else:
         feed = InMemoryFeed(model, modules, sequences, **common)
 
+    shared = SharedInputs()  # q/k/v (and gate/up) get one C: same tensor, same numbers
+
     def on_input(name: str, x: torch.Tensor) -> None:
-        accumulators[name].update(x)
+        accumulators[name] = shared.add(accumulators[name], x)
 
     for names in feed.stages():
         feed.forward("calib", on_input, {name: factors[name] for name in names})

@@ -73,9 +73,42 @@ class CovarianceAccumulator:
 
 
 class _MaskState:
-    """The attention mask of the batch now running (set by the driver before each forward)."""
+    """The attention mask of the batch now running (set by the driver before each forward), and the last input
+    flattened: consecutive modules fed the very same tensor (q, k, v of an attention block; gate and up of an
+    MLP) get the very same flattened tensor, so a callback can tell shared inputs by identity
+    (``SharedInputs``). One entry only: nothing is held beyond the module that ran last."""
 
-    mask: torch.Tensor | None = None
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+        self._source: torch.Tensor | None = None
+        self._flat: torch.Tensor | None = None
+
+    def flatten(self, source: torch.Tensor) -> torch.Tensor:
+        if source is not self._source:
+            self._source, self._flat = source, _flatten_tokens(source.detach(), self.mask)
+        return self._flat
+
+
+class SharedInputs:
+    """One C for the layers fed the same input tensor: their accumulators become one on the first batch, and
+    each batch is added once (q/k/v share their input in every transformer block, as do gate/up: 3 of 7
+    covariances per Llama block are then enough)."""
+
+    def __init__(self) -> None:
+        self._x: torch.Tensor | None = None
+        self._accumulator: CovarianceAccumulator | None = None
+
+    def add(self, accumulator: CovarianceAccumulator, x: torch.Tensor) -> CovarianceAccumulator:
+        """Add ``x`` to ``accumulator`` unless the previous call added this very tensor; returns the accumulator
+        the layer should keep (the previous one, adopted while this one is still empty)."""
+        if x is self._x:
+            if accumulator is not self._accumulator and accumulator.tokens == 0:
+                accumulator = self._accumulator
+            if accumulator is self._accumulator:
+                return accumulator
+        accumulator.update(x)
+        self._x, self._accumulator = x, accumulator
+        return accumulator
 
 
 def _flatten_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -97,7 +130,7 @@ def capture_inputs(modules: Mapping[str, torch.nn.Module], callback: InputCallba
     try:
         for name, module in modules.items():
             def hook(mod: torch.nn.Module, args: tuple[Any, ...], output: Any, _name: str = name) -> None:
-                callback(_name, _flatten_tokens(args[0].detach(), state.mask))
+                callback(_name, state.flatten(args[0]))
 
             handles.append(module.register_forward_hook(hook))
         yield state

@@ -212,3 +212,41 @@ def test_cli_streams_and_prints_the_plan(tiny_llama: tuple[Path, Path], tmp_path
     assert (out / "adapter_model.safetensors").exists()
     result = run_cli(*["compare-quant", str(adapter), "--base", str(base), "--max-memory", "10kB"])
     assert_one_line_error(result, "--max-memory 10.0 kB is smaller than one decoder block")
+
+
+def test_layers_fed_one_tensor_share_one_covariance(tiny_llama: tuple[Path, Path]) -> None:
+    """q/k/v (and gate/up) see the same input tensor: one C for each group, equal to the brute-force X^T X of
+    the inputs a plain hook records."""
+    import transformers
+
+    from lora_tools.calibration import collect_covariances
+    from lora_tools.capture import iter_batches, lora_hooks, read_documents, tokenize_documents
+    from lora_tools.data import calib_corpus_path
+
+    base, adapter_path = tiny_llama
+    adapter = load_adapter(adapter_path)
+    calib = collect_covariances(adapter, base, None, max_tokens=300, offload="never")
+    C = {name.split("layers.")[1]: value for name, value in calib.covariances.items()}
+    assert C["0.self_attn.q_proj"] is C["0.self_attn.k_proj"] is C["0.self_attn.v_proj"]
+    assert C["0.mlp.gate_proj"] is C["0.mlp.up_proj"]
+    assert C["0.self_attn.o_proj"] is not C["0.self_attn.q_proj"] and C["0.mlp.down_proj"] is not C["0.mlp.up_proj"]
+    # Brute force: the k_proj inputs of layer 1 (adapter applied to every layer), real tokens only.
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base)).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(base))
+    corpus = tokenize_documents(tokenizer, read_documents(calib_corpus_path()), 300, 128)
+    modules = dict(model.named_modules())
+    names = {n.removeprefix("base_model.model."): n for n in adapter.modules}
+    factors = {short: (*adapter.factors(full), adapter.modules[full].scale) for short, full in names.items()}
+    seen: list[torch.Tensor] = []
+    expected = torch.zeros(48, 48, dtype=torch.float64)
+    handle = modules["model.layers.1.self_attn.k_proj"].register_forward_hook(
+        lambda m, args, out: seen.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+    with torch.no_grad(), lora_hooks({s: modules[s] for s in factors}, factors):
+        for ids, mask in iter_batches(corpus.sequences, 32, int(tokenizer.pad_token_id), "cpu"):
+            seen.clear()
+            model(input_ids=ids, attention_mask=mask)
+            X = seen[0][mask.flatten().bool()].double()
+            expected += X.T @ X
+    handle.remove()
+    # C is summed from float32 batch products (capture.CovarianceAccumulator): equal to ~1e-6 of its norm.
+    assert float((C["1.self_attn.k_proj"] - expected).norm() / expected.norm()) < 1e-5

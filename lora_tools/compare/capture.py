@@ -11,6 +11,8 @@ from typing import Any
 
 from lora_tools.model.feed import InMemoryFeed, RandomFeed, StreamedFeed, random_tokens
 
+STREAM_BATCH_SIZE = 8
+
 
 def make_feed(job: Any, progress: Callable[[int], None]) -> Any:
     """The feed of a planned job (``compare.plan.prepare_compare``)."""
@@ -23,5 +25,8 @@ def make_feed(job: Any, progress: Callable[[int], None]) -> Any:
     common = {"pad_id": job.pad_id, "batch_size": options.batch_size, "device": job.device, "progress": progress}
     if job.stream is not None:
         model_names = {layer.name: layer.model_name for layer in job.layers}
+        # Smaller batches through one block at a time: the block's own temporaries (an MLP's intermediate
+        # activations are batch x seq x intermediate floats, several times) bound a streamed run's peak.
+        common["batch_size"] = min(options.batch_size, STREAM_BATCH_SIZE)
         return StreamedFeed(job.stream, job.modules, model_names, sequences, **common)
     return InMemoryFeed(job.model, job.modules, sequences, **common)

@@ -29,8 +29,8 @@ STATS_CHUNK = 256
 
 @torch.no_grad()
 def add_holdout_tokens(layer: Any, x: torch.Tensor) -> None:
-    """One held-out batch of the layer's inputs x (T, in): C_holdout and every approximation's statistics."""
-    layer.holdout.update(x)
+    """One held-out batch of the layer's inputs x (T, in): every approximation's statistics (C_holdout is added
+    by the caller, once per shared input)."""
     for start in range(0, x.shape[0], STATS_CHUNK):
         x32 = x[start:start + STATS_CHUNK].to(torch.float32)
         y = layer.target.apply(x32)  # (t, out)
@@ -43,11 +43,14 @@ def add_holdout_tokens(layer: Any, x: torch.Tensor) -> None:
 def measure_calibration(layer: Any, device: torch.device, keep_span: bool) -> None:
     """Everything that reads C_calib, right after the fit: each approximation's calibration error, the built-in
     check that svd-act's error² is the eigenvalue tail, the noise prediction on calibration inputs and (for the
-    end-to-end stage) C_calib on the row space of A. C_calib is freed here, so a layer never holds two (in, in)
-    covariances: the held-out one is allocated by the first held-out batch."""
+    end-to-end stage) C_calib on the row space of A. The caller frees C_calib next (once every layer sharing it
+    was measured), so a layer never holds two (in, in) covariances: the held-out one is allocated by the first
+    held-out batch."""
     target = layer.target
     C_calib = layer.calib.gram
-    W = target.dense(torch.float64).to(device)  # (out, in)
+    # The dense map is needed for dense targets only: a factored target's errors all come from its factors
+    # (out x in float64 would be 92 MB for a 2048 x 5632 layer, for nothing).
+    W = None if target.factored else target.dense(torch.float64).to(device)  # (out, in)
     context = EnergyContext(target, C_calib, W)
     errors = []
     for approx in layer.approximations:
@@ -65,7 +68,6 @@ def measure_calibration(layer: Any, device: torch.device, keep_span: bool) -> No
         from lora_tools.compare.span import SpanCovariance
 
         layer.span = SpanCovariance(C_calib, target.A)
-    layer.calib.release()
 
 
 @torch.no_grad()
@@ -74,7 +76,9 @@ def finalize_layer(layer: Any, device: torch.device) -> dict[str, Any]:
     error structure, noise-model prediction and the streamed per-token statistics."""
     target = layer.target
     has_hold = layer.holdout.tokens > 0
-    W = target.dense(torch.float64).to(device)  # (out, in)
+    # The dense map is needed for dense targets only: a factored target's errors all come from its factors
+    # (out x in float64 would be 92 MB for a 2048 x 5632 layer, for nothing).
+    W = None if target.factored else target.dense(torch.float64).to(device)  # (out, in)
     hold_ctx = EnergyContext(target, layer.holdout.gram, W) if has_hold else None
     y_calib, calib_errors = layer.calib_energy
     y_hold = hold_ctx.y if hold_ctx is not None else 0.0

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from lora_tools.adapter import Adapter, LoraModule
-from lora_tools.capture import CovarianceAccumulator
+from lora_tools.capture import CovarianceAccumulator, SharedInputs
 from lora_tools.compare.holdout import TokenCounts
 from lora_tools.compare.methods import Approximation, ErrorMap, OutputEigen, Target
 from lora_tools.compare.metrics import OutputErrorStats
@@ -64,7 +64,8 @@ class Layer:
 
     def release(self) -> None:
         """Drop what only the per-layer report needed (C_holdout, approximations, error maps, a dense target);
-        C_calib went after the fit (evaluate.measure_calibration), leaving ``span`` for the end-to-end stage."""
+        C_calib went after the fit (measured by evaluate.measure_calibration), leaving ``span`` for the end-to-end
+        stage."""
         if self.holdout is not None:
             self.holdout.release()
         self.approximations, self.error_maps, self.eigen = [], [], None
@@ -153,14 +154,28 @@ class CompareJob:
                 layer.calib = CovarianceAccumulator(layer.shape[1], self.device)
                 layer.holdout = CovarianceAccumulator(layer.shape[1], self.device)
             factors = self.factors(names)
-            feed.forward("calib", lambda name, x: self._by_name[name].calib.update(x), factors)
+            shared_calib, shared_holdout = SharedInputs(), SharedInputs()
+
+            def on_calib(name: str, x: torch.Tensor, _shared: SharedInputs = shared_calib) -> None:
+                layer = self._by_name[name]
+                layer.calib = _shared.add(layer.calib, x)
+
+            def on_holdout(name: str, x: torch.Tensor, _shared: SharedInputs = shared_holdout) -> None:
+                layer = self._by_name[name]
+                layer.holdout = _shared.add(layer.holdout, x)
+                add_holdout_tokens(layer, x)
+
+            feed.forward("calib", on_calib, factors)
             for layer in layers:
                 fit_layer(layer, self.schemes, self.ranks, self.device)
                 measure_calibration(layer, self.device, keep_span=self.end_to_end)
                 advance(1)
-            feed.forward("holdout", lambda name, x: add_holdout_tokens(self._by_name[name], x), factors)
+            for layer in layers:  # after every layer that shares it was measured
+                layer.calib.release()
+            feed.forward("holdout", on_holdout, factors)
             for layer in layers:
                 rows[layer.name] = finalize_layer(layer, self.device)
+            for layer in layers:  # after every layer sharing a C_holdout was finalized
                 layer.release()
             release_free_memory()
         report = build_report(self, [rows[layer.name] for layer in self.layers])
