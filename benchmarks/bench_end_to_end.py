@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sections import DEFAULT_REPORT, write_section  # noqa: E402
+from sections import DEFAULT_REPORT, run_measured, write_section  # noqa: E402
 
 SECTION_TITLE = "## compare-quant end to end (issue 9)"
 RUNS = {
@@ -33,24 +29,10 @@ RUNS = {
 def timed_run(extra: list[str], device: str) -> tuple[float, float, float]:
     """(wall seconds, sampled peak RSS MiB, kernel max RSS MiB of the child) of one run."""
     command = [sys.executable, "-m", "lora_tools", "compare-quant", "--json", "--quiet", "--device", device, *extra]
-    start = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    handle = psutil.Process(child.pid)
-    peak = 0
-    while True:
-        pid, status, usage = os.wait4(child.pid, os.WNOHANG)  # this child's own rusage, not all children's
-        if pid:
-            break
-        try:
-            peak = max(peak, handle.memory_info().rss)
-        except psutil.Error:
-            pass
-        time.sleep(0.02)
-    wall = time.perf_counter() - start
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        raise SystemExit(f"compare-quant {' '.join(extra)} failed with status {child.returncode}")
-    return wall, peak / 2**20, usage.ru_maxrss / 1024  # KiB -> MiB
+    wall, peak, kernel, status, _ = run_measured(command)
+    if status != 0:
+        raise SystemExit(f"compare-quant {' '.join(extra)} failed with status {status}")
+    return wall, peak, kernel
 
 
 def main(argv: list[str] | None = None) -> int:

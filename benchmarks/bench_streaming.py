@@ -18,16 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sections import DEFAULT_REPORT, write_section  # noqa: E402
+from sections import DEFAULT_REPORT, run_measured, write_section  # noqa: E402
 
 SECTION_TITLE = "## Streaming a base larger than memory (issue 12)"
 READ_FLOOR = """
@@ -46,26 +41,10 @@ print(total, time.perf_counter() - start)
 
 
 def measured(command: list[str]) -> tuple[float, float, float, str]:
-    """(wall s, sampled peak RSS MiB, kernel max RSS MiB, stdout) of one child process."""
-    with tempfile.TemporaryFile() as out:
-        start = time.perf_counter()
-        child = subprocess.Popen(command, stdout=out, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
-        handle = psutil.Process(child.pid)
-        peak = 0
-        while True:
-            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-            if pid:
-                break
-            try:
-                peak = max(peak, handle.memory_info().rss)
-            except psutil.Error:
-                pass
-            time.sleep(0.05)
-        wall = time.perf_counter() - start
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(f"failed: {' '.join(command)}")
-        out.seek(0)
-        return wall, peak / 2**20, usage.ru_maxrss / 1024, out.read().decode()
+    wall, peak, kernel, status, out = run_measured(command, {"OMP_WAIT_POLICY": "PASSIVE"})
+    if status != 0:
+        raise SystemExit(f"failed: {' '.join(command)}")
+    return wall, peak, kernel, out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,13 @@
-"""Shared by the benchmark scripts: replace one `## section` of reports/benchmarks.md, leave the others alone."""
+"""Shared by the benchmark scripts: replace one `## section` of reports/benchmarks.md, leave the others alone; run a
+child process with its peak memory sampled."""
 
 from __future__ import annotations
 
 import datetime as dt
+import os
+import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -25,3 +30,30 @@ def write_section(report: Path, title: str, command: str, body: str) -> None:
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(new_text)
     print(f"updated section '{title}' in {report}")
+
+
+def run_measured(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float, float, int, str]:
+    """(wall s, sampled peak RSS MiB, kernel max RSS MiB, exit status, stdout) of one child process.
+
+    RSS is sampled every 20 ms with psutil (short spikes can be missed); the kernel's own maximum comes from
+    wait4 for this child alone (not all children of the benchmark)."""
+    import psutil
+
+    with tempfile.TemporaryFile() as out:
+        start = time.perf_counter()
+        child = subprocess.Popen(command, stdout=out, env={**os.environ, **(env or {})})
+        handle = psutil.Process(child.pid)
+        peak = 0
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            try:
+                peak = max(peak, handle.memory_info().rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+        wall = time.perf_counter() - start
+        out.seek(0)
+        return (wall, peak / 2**20, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status),
+                out.read().decode())

@@ -69,15 +69,16 @@ def minilm_path() -> Path:
     return Path(gt.get_model_path())
 
 
-def save_tiny_base_and_adapter(root: Path, model: Any, target_modules: list[str]) -> tuple[Path, Path]:
-    """(base folder, adapter folder): ``model`` saved with MiniLM's tokenizer beside it, and a PEFT LoRA on it
-    (r=4, alpha 8, random non-zero B: init_lora_weights=False, seed 1)."""
+def save_tiny_base_and_adapter(root: Path, model: Any, target_modules: list[str],
+                               max_shard_size: str | None = None) -> tuple[Path, Path]:
+    """(base folder, adapter folder): ``model`` saved (in shards of ``max_shard_size`` when given) with MiniLM's
+    tokenizer beside it, and a PEFT LoRA on it (r=4, alpha 8, random non-zero B: init_lora_weights=False, seed 1)."""
     import shutil
 
     from peft import LoraConfig, get_peft_model
 
     base = root / "base"
-    model.save_pretrained(str(base))
+    model.save_pretrained(str(base), **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (minilm_path() / name).exists():
             shutil.copy(minilm_path() / name, base / name)

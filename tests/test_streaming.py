@@ -21,7 +21,7 @@ from lora_tools.errors import LoraToolsError  # noqa: E402
 from lora_tools.formats import load_adapter  # noqa: E402
 from lora_tools.model.offload import parse_memory, plan_offload  # noqa: E402
 from lora_tools.model.stream import StreamedModel, read_checkpoint  # noqa: E402
-from tests.helpers import minilm_path  # noqa: E402
+from tests.helpers import minilm_path, save_tiny_base_and_adapter  # noqa: E402
 
 KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -30,24 +30,14 @@ KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(sharded safetensors Llama base with MiniLM's tokenizer, a PEFT LoRA on all seven kinds)."""
     import transformers
-    from peft import LoraConfig, get_peft_model
 
     root = tmp_path_factory.mktemp("stream")
     config = transformers.LlamaConfig(vocab_size=30522, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                       tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    base = root / "base"
-    model.save_pretrained(str(base), max_shard_size="2MB")
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (minilm_path() / name).exists():
-            shutil.copy(minilm_path() / name, base / name)
-    torch.manual_seed(1)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                                  target_modules=KINDS))
-    adapter = root / "adapter"
-    peft_model.save_pretrained(str(adapter))
+    base, adapter = save_tiny_base_and_adapter(root, transformers.LlamaForCausalLM(config).eval(), KINDS,
+                                               max_shard_size="2MB")
     assert len(list(base.glob("model-*.safetensors"))) > 1  # really sharded
     return base, adapter
 

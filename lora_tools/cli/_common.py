@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -15,6 +14,7 @@ from typing import Any
 import click
 
 from lora_tools.errors import InvalidOptionError, LoraToolsError, user_message
+from lora_tools.jsonsafe import finite_json
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -110,19 +110,9 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def dump_json(document: dict[str, Any]) -> str:
     """Strict JSON (NaN/Inf become null)."""
-    return json.dumps(_finite(document), indent=2, allow_nan=False)
+    return json.dumps(finite_json(document), indent=2, allow_nan=False)
 
 
 def echo_json(document: dict[str, Any]) -> None:

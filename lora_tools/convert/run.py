@@ -311,20 +311,13 @@ def _output_metadata(adapter: Adapter, to: str, mapping: dict[str, str]) -> dict
     return metadata
 
 
-def convert(source: Path, output: Path, to: str, *, base: Path | None = None, prefix: str | None = None,
-            allow_partial: bool = False, force: bool = False, input_format: str | None = None,
-            allow_nonfinite: bool = False, dtype: str | None = None) -> dict[str, Any]:
-    """Convert the adapter at ``source`` to ``to`` at ``output`` (verified before it is moved into place)."""
-    from lora_tools.atomic import check_not_input, check_output, move_into_place
+def open_conversion(source: Path, output: Path, force: bool, input_format: str | None,
+                    base: Path | str | None) -> tuple[Adapter, tuple[Path, ...]]:
+    """(the adapter, its input paths) once OUT is known not to overwrite an input or an existing file without
+    --force, and a GGUF input's architecture matches ``base``: what every conversion checks before its work."""
+    from lora_tools.atomic import check_not_input, check_output
     from lora_tools.formats import load_adapter
 
-    if to == "gguf":  # llama.cpp LoRA: names, layout and scales for a base model (convert/to_gguf.py)
-        from lora_tools.convert.to_gguf import convert_to_gguf
-
-        return convert_to_gguf(source, output, base=base, dtype=dtype, prefix=prefix, allow_partial=allow_partial,
-                               force=force, input_format=input_format, allow_nonfinite=allow_nonfinite)
-    if to not in TARGETS:
-        raise InvalidOptionError(f"unknown --to {to!r}; choose one of {', '.join(TARGETS)}")
     adapter = load_adapter(source, input_format)
     inputs = tuple(p for p in (source, adapter.weights_path) if p is not None)
     check_not_input(output, inputs)
@@ -333,6 +326,23 @@ def convert(source: Path, output: Path, to: str, *, base: Path | None = None, pr
         from lora_tools.formats.gguf_names import check_same_arch
 
         check_same_arch(adapter, base)
+    return adapter, inputs
+
+
+def convert(source: Path, output: Path, to: str, *, base: Path | None = None, prefix: str | None = None,
+            allow_partial: bool = False, force: bool = False, input_format: str | None = None,
+            allow_nonfinite: bool = False, dtype: str | None = None) -> dict[str, Any]:
+    """Convert the adapter at ``source`` to ``to`` at ``output`` (verified before it is moved into place)."""
+    from lora_tools.atomic import move_into_place
+
+    if to == "gguf":  # llama.cpp LoRA: names, layout and scales for a base model (convert/to_gguf.py)
+        from lora_tools.convert.to_gguf import convert_to_gguf
+
+        return convert_to_gguf(source, output, base=base, dtype=dtype, prefix=prefix, allow_partial=allow_partial,
+                               force=force, input_format=input_format, allow_nonfinite=allow_nonfinite)
+    if to not in TARGETS:
+        raise InvalidOptionError(f"unknown --to {to!r}; choose one of {', '.join(TARGETS)}")
+    adapter, inputs = open_conversion(source, output, force, input_format, base)
     plan = plan_conversion(adapter, to, base=base, prefix=prefix, allow_partial=allow_partial)
     if not allow_nonfinite:
         check_finite(adapter, [*plan.mapping, *(n for g in plan.groups for n in g.inputs if n is not None)])

@@ -21,7 +21,6 @@ from lora_tools.adapter import Adapter
 from lora_tools.convert.run import canonical_names
 from lora_tools.convert.verify import VerificationError
 from lora_tools.formats import gguf_lora, gguf_write
-from lora_tools.formats.gguf_names import check_same_arch
 from lora_tools.linalg.products import relative_difference
 
 # Bound on the relative ΔW difference per stored type: exact float32 still moves by the rounding of a baked scale.
@@ -87,16 +86,11 @@ def convert_to_gguf(source: Path, output: Path, *, base: Path | str | None = Non
                     prefix: str | None = None, allow_partial: bool = False, force: bool = False,
                     input_format: str | None = None, allow_nonfinite: bool = False) -> dict[str, Any]:
     """Convert the adapter at ``source`` to a GGUF LoRA at ``output`` for ``base`` (default: the adapter's)."""
-    from lora_tools.atomic import check_not_input, check_output, move_into_place
-    from lora_tools.formats import load_adapter
+    from lora_tools.atomic import move_into_place
+    from lora_tools.convert.run import open_conversion
 
     gguf_write.parse_dtype(dtype)  # a bad --dtype fails before anything is read
-    adapter = load_adapter(source, input_format)
-    inputs = tuple(p for p in (source, adapter.weights_path) if p is not None)
-    check_not_input(output, inputs)
-    check_output(output, force, inputs)
-    if adapter.format == "gguf" and base is not None:
-        check_same_arch(adapter, base)
+    adapter, inputs = open_conversion(source, output, force, input_format, base)
     gguf_base = gguf_write.base_of(adapter, base)
     if adapter.format == "gguf":
         paths, name_source, warnings = {n: n for n in adapter.modules}, "GGUF file", []

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import IO, Any
 
 from lora_tools.atomic import atomic_path
 from lora_tools.errors import InvalidOptionError, OutputExistsError
+from lora_tools.jsonsafe import finite_json
 
 logger = logging.getLogger(__name__)
 
@@ -32,17 +32,7 @@ def partial_path(output: Path) -> Path:
 
 def dump_line(line: dict[str, Any]) -> str:
     """One strict JSON line (NaN/Inf as null, non-ASCII kept)."""
-    return json.dumps(_finite(line), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    return json.dumps(finite_json(line), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
 class ResultStore:
