@@ -223,3 +223,15 @@ def test_within_one_format_names_and_factors_stay(tmp_path: Path) -> None:
     assert report["layer_groups"] == {"split": 0, "fuse": 0, "swap": 0}
     original, again = load_file(str(source)), load_file(str(tmp_path / "same.safetensors"))
     assert set(original) == set(again) and all(torch.equal(original[k], again[k]) for k in original)
+
+
+def test_convert_report_says_which_layers_were_regrouped() -> None:
+    from lora_tools.report.merge import render_convert_report
+
+    report = {"input": "a", "input_format": "kohya", "output": "b", "output_format": "diffusers", "num_modules": 9,
+              "name_source": "built-in Flux layer table", "bit_exact_modules": 1, "max_rel_difference": 0.0,
+              "layer_groups": {"split": 2, "fuse": 0, "swap": 1}, "warnings": []}
+    text = render_convert_report(report)
+    assert "1 of 9 module(s) bit-exact" in text and "re-grouped" in text and "2 split, 1 swap" in text
+    report["layer_groups"] = {"split": 0, "fuse": 0, "swap": 0}
+    assert "re-grouped" not in render_convert_report(report)

@@ -69,6 +69,12 @@ def render_convert_report(report: dict[str, Any]) -> str:
         f"verification: {report['bit_exact_modules']} of {report['num_modules']} module(s) bit-exact; "
         f"max relative difference of ΔW {_num(report['max_rel_difference'], 3)}",
     ]
+    groups = {kind: n for kind, n in (report.get("layer_groups") or {}).items() if n}
+    if groups:
+        # Split or fused layers cannot keep their factors bit for bit (B is cut by rows, or A stacked and B made
+        # block-diagonal): their ΔW is what the relative difference above measures.
+        lines.append("layers re-grouped (factors re-arranged, ΔW compared): "
+                     + ", ".join(f"{n} {kind}" for kind, n in groups.items()))
     lines += [f"warning: {w}" for w in report["warnings"]]
     return "\n".join(lines)
 
