@@ -47,6 +47,39 @@ def measured(command: list[str]) -> tuple[float, float, float, str]:
     return wall, peak, kernel, out
 
 
+# Llama-3-70B's shape (its config.json): what one 140 GB GPU holds under this scheme, on paper.
+LLAMA3_70B = {"hidden": 8192, "intermediate": 28672, "layers": 80, "heads": 64, "kv_heads": 8, "vocab": 128256}
+
+
+def paper_70b(c: dict[str, int] = LLAMA3_70B, dtype_bytes: int = 2, tokens: int = 8192) -> str:
+    """The figures of a streamed compare-quant on a 70B base (bf16 forward, float64 statistics)."""
+    h, i, kv = c["hidden"], c["intermediate"], c["hidden"] // c["heads"] * c["kv_heads"]
+    block = 2 * h * h + 2 * kv * h + 3 * h * i  # q, o; k, v; gate, up, down
+    embed = c["vocab"] * h
+    total = c["layers"] * block + 2 * embed
+    cov = (3 * h * h + i * i) * 8  # one C per distinct input: q/k/v, o, gate/up, down (float64)
+    per_1k = 1000 * h * dtype_bytes
+    mlp_batch = 8 * 128 * i * dtype_bytes * 3  # a streamed batch (8 x 128 tokens) through the MLP
+    peak = embed * dtype_bytes + block * dtype_bytes + cov + 2 * tokens * h * dtype_bytes + mlp_batch
+    return "\n".join([
+        "On paper, Llama-3-70B (hidden 8192, intermediate 28672, 80 blocks, 8 KV heads, vocab 128,256) on one "
+        "140 GB GPU, bf16 forward:",
+        f"- weights {total / 1e9:.1f} B parameters = {total * dtype_bytes / 1e9:.0f} GB (does not fit beside its "
+        f"activations); one block {block / 1e6:.0f} M = {block * dtype_bytes / 1e9:.2f} GB; embeddings "
+        f"{embed * dtype_bytes / 1e9:.2f} GB held throughout, the LM head as much again at the end (end to end)",
+        f"- statistics: one float64 C per distinct input of a block (q/k/v, o, gate/up, down) = "
+        f"{cov / 1e9:.2f} GB, the down projection's {i * i * 8 / 1e9:.2f} GB of it; one split's at a time "
+        "(C_calib is measured and freed before the held-out pass)",
+        f"- activations: {per_1k / 1e6:.1f} MB of hidden states per 1k tokens per carried copy; an 8 x 128-token "
+        f"batch through the MLP {mlp_batch / 1e6:.0f} MB; end to end, 27 variants x 512 tokens of hidden states "
+        f"{27 * 512 * h * dtype_bytes / 1e6:.0f} MB",
+        f"- peak ≈ {peak / 1e9:.1f} GB for {tokens} calibration tokens (embeddings + one block + one block's C + "
+        "hidden states + MLP batch): about a tenth of the GPU",
+        f"- floor: every block is read twice (per-layer stage, end-to-end stage): {2 * total * dtype_bytes / 1e9:.0f}"
+        f" GB, {2 * total * dtype_bytes / 5e9 / 60:.1f} min at 5 GB/s",
+    ])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path, help="the output folder of make_synthetic_llama.py")
@@ -96,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         *details,
         "",
         f"Load average (1 min) {load:.1f} before the runs (2 CPUs); torch {__import__('torch').__version__}.",
+        "",
+        paper_70b(),
     ])
     print(body)
     if args.write_report:
