@@ -56,9 +56,13 @@ def read_all(path: Path) -> int:
     return total
 
 
-def timed(func: object, repeats: int) -> tuple[float, object]:
+def timed(func: object, repeats: int, fresh: Path | None = None) -> tuple[float, object]:
+    """Median seconds of ``func()``; ``fresh``: an output removed before each run, untimed (a repeat with --force
+    would otherwise also time deleting the previous 80 MB file)."""
     times, result = [], None
     for _ in range(repeats):
+        if fresh is not None:
+            fresh.unlink(missing_ok=True)
         start = time.perf_counter()
         result = func()  # type: ignore[operator]
         times.append(time.perf_counter() - start)
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         for dtype in (None, "q8_0"):
             out = root / f"out-{dtype or 'stored'}.gguf"
             seconds, report = timed(functools.partial(convert_to_gguf, adapter, out, base=base, dtype=dtype,
-                                                      force=True), args.repeats)
+                                                      force=True), args.repeats, fresh=out)
             rows.append((dtype or "as stored (fp16)", seconds, out.stat().st_size, report))
         # The same through the CLI, fresh processes: a command that reads the adapter vs convert --to gguf.
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
