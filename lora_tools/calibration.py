@@ -20,7 +20,7 @@ from lora_tools.capture import (
     read_documents,
     tokenize_documents,
 )
-from lora_tools.errors import ModuleMismatchError
+from lora_tools.errors import InvalidOptionError, ModuleMismatchError
 
 CAPTURE_KINDS = ("linear", "conv1d")  # layers whose input a forward hook sees as (..., in)
 
@@ -81,6 +81,14 @@ def collect_covariances(adapter: Adapter, base: Path | None, calib: Path | None,
         B, A = adapter.factors(name)  # float32, B: (out, r), A: (r, in)
         factors[name] = (B.to(device), A.to(device), adapter.modules[name].scale)
     corpus = tokenize_documents(tokenizer, documents, max_tokens, max_length)
+    widest = max(modules, key=lambda name: adapter.modules[name].in_features)
+    width = adapter.modules[widest].in_features
+    if corpus.tokens < width:
+        # From fewer tokens than inputs, C is rank-deficient: the fit would ignore the input directions never seen.
+        raise InvalidOptionError(
+            f"{calib_path}: {corpus.tokens} calibration tokens (--max-tokens {max_tokens}), but activation-aware "
+            f"truncation needs at least {width}: layer {widest} takes {width} inputs, and from fewer tokens its "
+            f"input covariance is rank-deficient; give a longer calibration text or raise --max-tokens")
     sequences = {"calib": corpus.sequences}
     common = {"pad_id": int(tokenizer.pad_token_id), "batch_size": batch_size, "device": torch_device,
               "progress": progress or (lambda n: None)}

@@ -70,11 +70,11 @@ def test_truncate_with_covariances_beats_plain_svd_on_outputs(tmp_path: Path) ->
 @pytest.mark.skipif(not example_adapter_path().joinpath("adapter_config.json").exists(), reason="no example")
 def test_cli_on_the_bundled_example_with_the_real_base(tmp_path: Path) -> None:
     out = tmp_path / "act"
-    result = run_cli("truncate", "--rank", "4", "--calib", "bundled", "--max-tokens", "256", "-o", str(out),
+    result = run_cli("truncate", "--rank", "4", "--calib", "bundled", "--max-tokens", "1600", "-o", str(out),
                      "--json", "--quiet")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["calibration"]["tokens"] == 256
+    assert report["calibration"]["tokens"] == 1600
     assert all(m["method"] == "activation-aware" and m["new_rank"] == 4 for m in report["modules"])
     assert all(m["retained_output_energy"] > m["retained_energy"] for m in report["modules"])
     assert load_adapter(out).modules["encoder.layer.0.attention.self.query"].rank == 4
@@ -86,3 +86,14 @@ def test_bad_calibration_file(tmp_path: Path) -> None:
     result = run_cli("truncate", "--rank", "2", "--calib", str(empty), "-o", str(tmp_path / "o"))
     assert result.exit_code == 1 and "calibration file is empty" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not example_adapter_path().joinpath("adapter_config.json").exists(), reason="no example")
+def test_too_few_calibration_tokens_are_refused_with_the_numbers(tmp_path: Path) -> None:
+    """MiniLM's output dense layers take 1536 inputs: from 256 tokens their covariance is rank-deficient."""
+    from tests.helpers import assert_one_line_error
+
+    out = tmp_path / "act"
+    result = run_cli("truncate", "--rank", "4", "--calib", "bundled", "--max-tokens", "256", "-o", str(out), "--quiet")
+    assert_one_line_error(result, "256 calibration tokens", "needs at least 1536", "output.dense")
+    assert not out.exists()
