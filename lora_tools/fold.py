@@ -124,6 +124,20 @@ def head_weight(adapter: Adapter, info: TensorInfo, weight: torch.Tensor) -> tor
     return copy.to(weight.dtype).clone()
 
 
+def _lycoris_weight_decompose(merged: torch.Tensor, scale: torch.Tensor, on_out: bool) -> torch.Tensor:
+    """LyCORIS' DoRA (``dora_scale``, its weight decomposition): W' = m · W / (‖W‖ + eps), the norm per output row
+    (``wd_on_out``, scale (out, 1, ...)) or per input column over outputs and kernel (scale (1, in, ...)); as its
+    ``weight_decompose`` computes it, eps = float32's machine epsilon. A (1, in) scale read as PEFT's per-output
+    magnitude would rescale the wrong axis (silently, on a square layer)."""
+    eps = torch.finfo(torch.float32).eps
+    if on_out:
+        norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(merged.shape[0], *[1] * (merged.ndim - 1))
+    else:
+        columns = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)  # (in,)
+        norm = columns.reshape(1, merged.shape[1], *[1] * (merged.ndim - 2))
+    return merged * (scale.reshape(norm.shape) / (norm + eps))
+
+
 @torch.no_grad()
 def folded_weight(adapter: Adapter, module: LoraModule, weight: torch.Tensor) -> torch.Tensor:
     """W0 + ΔW in the base weight's layout and dtype (DoRA applied as DoRA)."""
@@ -137,7 +151,10 @@ def folded_weight(adapter: Adapter, module: LoraModule, weight: torch.Tensor) ->
         raise ModuleMismatchError(f"{adapter.path}: module {module.name}: the update s·B·A contains NaN or Inf; "
                                   "refusing to fold it into the base weights")
     merged = weight.to(torch.float32) + delta
-    if module.magnitude_key:
+    if module.magnitude_key and ("dora_in" in module.flags or "dora_out" in module.flags):
+        merged = _lycoris_weight_decompose(merged, adapter.source.get(module.magnitude_key).to(torch.float32),
+                                           on_out="dora_out" in module.flags)
+    elif module.magnitude_key:
         magnitude = adapter.source.get(module.magnitude_key).to(torch.float32).flatten()  # (out,)
         # DoRA (Liu et al. 2024): rescale each output's row of W0 + ΔW to the learned magnitude; in PEFT's layout
         # the output axis is 0 for Linear/conv and 1 for Conv1D/embeddings.

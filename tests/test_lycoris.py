@@ -402,3 +402,27 @@ def test_peft_loha_rank_pattern_disagreeing_with_tensors_is_refused(tmp_path: Pa
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA", "r": 4, "alpha": 4}))
     with pytest.raises(ModuleMismatchError, match="says rank 4 but the tensors have rank 2"):
         load_adapter(folder)
+
+
+@pytest.mark.parametrize("layout", ["out", "in"])
+def test_fold_applies_lycoris_dora_scale_on_its_own_axis(tmp_path: Path, layout: str) -> None:
+    """A (1, in) dora_scale normalises columns, a (out, 1) one rows: LyCORIS' own weight_decompose is the
+    reference (a square layer makes the wrong axis a silent error)."""
+    general = pytest.importorskip("lycoris.functional.general")
+    from lora_tools.fold import folded_weight
+
+    path, _, _ = lycoris_file(tmp_path, "loha-dora")
+    tensors = load_file(str(path))
+    gen = torch.Generator().manual_seed(7)
+    # lin0 is 96 x 64: give it a scale of the chosen layout
+    tensors[f"{LIN0}.dora_scale"] = (torch.rand(96, 1, generator=gen) + 0.5 if layout == "out"
+                                     else torch.rand(1, 64, generator=gen) + 0.5)
+    save_file(tensors, str(tmp_path / "d.safetensors"))
+    adapter = load_adapter(tmp_path / "d.safetensors")
+    module = adapter.modules[LIN0]
+    assert f"dora_{layout}" in module.flags
+    W0 = torch.randn(96, 64, generator=gen)
+    ours = folded_weight(adapter, module, W0)
+    reference = general._weight_decompose(W0 + adapter.delta_weight(LIN0, torch.float32),
+                                          tensors[f"{LIN0}.dora_scale"], 1, layout == "out")
+    assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-6)
