@@ -426,3 +426,11 @@ def test_fold_applies_lycoris_dora_scale_on_its_own_axis(tmp_path: Path, layout:
     reference = general._weight_decompose(W0 + adapter.delta_weight(LIN0, torch.float32),
                                           tensors[f"{LIN0}.dora_scale"], 1, layout == "out")
     assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_compare_quant_says_structured_updates_are_compared_as_exact_lora(tmp_path: Path) -> None:
+    path, _, _ = lycoris_file(tmp_path, "loha-tucker")
+    result = run_cli("compare-quant", str(path), "--calib", "random", "--max-tokens", "400", "--json")
+    assert result.exit_code == 0, result.output
+    note = json.loads(result.stdout)["update_note"]
+    assert "loha" in note and "exact LoRA form" in note and "note: " in result.stderr

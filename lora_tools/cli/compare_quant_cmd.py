@@ -100,6 +100,8 @@ def compare_quant_command(path: Path | None, base: Path | None, target: str, ran
                    f"{job.counts.calibration} calibration tokens the fits used)", err=True)
     with progress_bar(job.steps, "compare-quant", quiet) as advance:
         report = job.run(progress=advance)
+    if report.get("update_note"):
+        click.echo(f"note: {report['update_note']}", err=True)
     if report_dir is not None:
         write_compare_report(report, report_dir, force=force, json_text=dump_json(report))
         click.echo(f"wrote {report_dir}/report.md, report.json and plots", err=True)

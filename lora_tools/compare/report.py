@@ -24,6 +24,7 @@ def build_report(job: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "tool": f"loratools {__version__}",
         "base_model": display_path(job.base_path) if job.base_path else None,
         "base_note": job.base_note,
+        "update_note": update_note(job.adapter),
         # The name the adapter gives its base, whether or not a base model was loaded.
         "adapter_base_model": job.adapter.base_model if job.adapter else None,
         "base_model_run": not job.random,
@@ -50,3 +51,20 @@ def build_report(job: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "summary": summary(layers, aggregate_rows, schemes, job.evaluation),
         "error_histograms": histograms,
     }
+
+
+def update_note(adapter: Any) -> str | None:
+    """What the report must say when modules store a structured update (LoHa, LoKr, Tucker, AdaLoRA, full): every
+    method here works on its exact LoRA form (B·A of rank r1·r2 for LoHa), so 'the adapter's bytes' and the
+    truncations are those of that form, not of the tensors as stored."""
+    if adapter is None:
+        return None
+    kinds: dict[str, int] = {}
+    for module in adapter.modules.values():
+        if module.update_kind != "lora":
+            kinds[module.update_kind] = kinds.get(module.update_kind, 0) + 1
+    if not kinds:
+        return None
+    listed = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+    return (f"{listed} module(s) store a structured update; they are compared as its exact LoRA form (rank and "
+            "bytes of that form, not of the tensors as stored)")

@@ -85,6 +85,8 @@ def _context(report: dict[str, Any]) -> list[str]:
     lines = [f"{adapter}{base}; device {report['device']}, forward dtype {report['dtype']}.  "]
     if report.get("base_note"):
         lines.append(f"**Note:** {report['base_note']}.  ")
+    if report.get("update_note"):
+        lines.append(f"**Note:** {report['update_note']}.  ")
     if random:
         lines.append(f"Inputs: {report['calib']}. Every error is relative to the outputs on these synthetic "
                      "inputs, which are not what the layers see in the model.  ")
