@@ -63,6 +63,7 @@ def measure_calibration(layer: Any, device: torch.device, keep_span: bool) -> No
                     f"{approx.rank} differs from the eigenvalue tail {expected:.6g}")
         errors.append(err_calib)
     layer.calib_energy = (context.y, errors)
+    layer.eigen = None  # the check is done: an (out, m) float64 basis per layer is too much to hold for a block
     layer.calib_noise = [uniform_noise_prediction(approx, target, C_calib) for approx in layer.approximations]
     if keep_span and target.factored:
         from lora_tools.compare.span import SpanCovariance

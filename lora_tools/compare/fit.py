@@ -69,6 +69,6 @@ def fit_layer(layer: Any, schemes: Sequence[QuantScheme], ranks: Sequence[int], 
     plotted = {i for i, budget in entries if budget is not None or approximations[i].steps}
     layer.stats = [OutputErrorStats(device, entry_rms, entry_histogram=i in plotted)
                    for i in range(len(approximations))]
-    layer.eigen = eigen  # kept for the built-in check in evaluate.finalize_layer
+    layer.eigen = eigen  # kept for the built-in check in evaluate.measure_calibration, which drops it
     layer.error_maps = [ErrorMap(target, approx) for approx in approximations]
 

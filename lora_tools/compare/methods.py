@@ -174,8 +174,9 @@ def target_svd(target: Target) -> TargetSVD:
 
 def svd_truncation(target: Target, svd: TargetSVD, rank: int) -> Approximation:
     k = min(rank, svd.S.numel())
+    # A copy, not a view: a view would keep the whole (m, in) Vh of the layer alive with the approximation.
     return Approximation("svd", lowrank_bytes(target.shape, rank), rank=rank,
-                         left=svd.U[:, :k] * svd.S[:k], right=svd.Vh[:k])
+                         left=svd.U[:, :k] * svd.S[:k], right=svd.Vh[:k].clone())
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,7 @@ def output_eigen(target: Target, C: torch.Tensor) -> OutputEigen:
 
 def activation_aware(target: Target, eigen: OutputEigen, rank: int) -> Approximation:
     """Ŵ = U_k (U_kᵀ W): stored as U_k (out, k) and U_kᵀ W (k, in)."""
-    U_k = eigen.vectors[:, :rank]  # (out, k)
+    U_k = eigen.vectors[:, :rank].clone()  # (out, k); a copy: the full (out, m) basis need not outlive the fit
     if target.factored:
         right = target.scale * ((U_k.T @ target.B.to(torch.float64)) @ target.A.to(torch.float64))
     else:
