@@ -1,8 +1,9 @@
 """compare-quant's evaluate stage: the held-out pass's per-token statistics, then each layer's report row.
 
 The held-out tokens are handed over in chunks of ``STATS_CHUNK``: every temporary of the statistics is then a few
-MB, stays in cache, and freed blocks of one size are reused (whole 4k-token batches fragmented glibc's heap:
-compare-quant's resident memory on SmolLM2 grew from 3.6 to 12.6 GB inside one batch).
+MB and freed blocks of one size are reused (whole 4k-token batches fragmented glibc's heap: compare-quant's
+resident memory on SmolLM2 grew from 3.6 to 12.6 GB inside one batch). On SmolLM2, 1024-token chunks took the
+held-out statistics from 68 s (256-token chunks: per-call overhead) to 32 s at the same 3.0 GB peak.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from lora_tools.errors import LoraToolsError
 
 # Relative tolerance of the built-in check: svd-act's calibration error² vs the eigenvalue tail (both float64).
 OPTIMAL_CHECK_RTOL = 1e-6
-STATS_CHUNK = 256
+STATS_CHUNK = 1024
 
 
 @torch.no_grad()

@@ -178,8 +178,11 @@ class StreamedModel:
                         raise StreamError(f"{shard}: {key} has shape {tuple(tensor.shape)}, the config says "
                                           f"{expected}")
                     self.bytes_read += tensor.numel() * tensor.element_size()
-                    owner._parameters[leaf] = torch.nn.Parameter(tensor.to(self.device, self.dtype),
+                    # A copy, read now: a tensor left on safetensors' memory map would be read page by page
+                    # during the block's forward, hiding the reading time (the floor of a streamed run).
+                    owner._parameters[leaf] = torch.nn.Parameter(tensor.to(self.device, self.dtype, copy=True),
                                                                  requires_grad=False)
+                    del tensor
         self.seconds_reading += time.perf_counter() - start
 
     def _tied(self) -> bool:
