@@ -130,12 +130,11 @@ def render(results: list[dict[str, Any]], stats: dict[str, Any], identical: bool
         f"write): PEFT, kohya and diffusers in turn, 1-200 modules (log-uniform), ranks 4-64, layers 64-512 wide, "
         f"fp16; {stats['errors']} broken on purpose (error lines); {stats['modules']:,} modules, "
         f"{stats['bytes'] / 1e9:.2f} GB. Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
-        f"{platform.python_version()}; other engineers' jobs were running (load averages in the table).", "",
+        f"{platform.python_version()}; load averages in the table.", "",
         *rows, "",
         f"- `--jobs 2` / `--jobs 1` (steady): **{speedup:.2f}x** (target 1.7x); `--ray` / `--jobs 2` (steady): "
-        f"**{ray_ratio:.2f}** (target within 30%, i.e. >= 0.70). Both are held down by the other jobs on the two "
-        f"cores (load averages above). CPU time per adapter, which that load does not change, predicts an idle "
-        f"machine: `--jobs 2` / `--jobs 1` = 2 x {one['cpu_ms_per_adapter']:.1f} / {two['cpu_ms_per_adapter']:.1f}"
+        f"**{ray_ratio:.2f}** (target within 30%, i.e. >= 0.70). CPU time per adapter, which other load on the "
+        f"machine does not change, predicts an idle one: `--jobs 2` / `--jobs 1` = 2 x {one['cpu_ms_per_adapter']:.1f} / {two['cpu_ms_per_adapter']:.1f}"
         f" ms = **{quiet_speedup:.2f}x**, `--ray` / `--jobs 2` = **{quiet_ray:.2f}** (Ray's CPU includes its "
         f"workers' start-up).",
         f"- The three runs wrote identical lines (timings aside): **{identical}**. Peak RSS of the driver process "
