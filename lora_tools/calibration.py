@@ -41,28 +41,17 @@ def collect_covariances(adapter: Adapter, base: Path | None, calib: Path | None,
                         progress: Callable[[int], None] | None = None) -> Calibration:
     """Run the base model (adapter applied) on ``calib`` (default: the bundled corpus) and accumulate C per layer;
     the base runs whole or block by block (``--offload``, see ``lora_tools.model.offload``)."""
-    from lora_tools.basemodel import check_module_map, load_base, load_tokenizer, match_modules, resolve_base
+    from lora_tools.basemodel import check_module_map, match_modules, resolve_base
     from lora_tools.data import calib_corpus_path
     from lora_tools.model.feed import InMemoryFeed, StreamedFeed
-    from lora_tools.model.offload import plan_offload
+    from lora_tools.model.offload import load_planned
 
     calib_path = calib if calib is not None else calib_corpus_path()
     documents = read_documents(calib_path)  # validate the text before loading a model
     base_path = resolve_base(adapter, base)
     torch_device = torch.device(device)
-    plan = plan_offload(base_path, offload, max_memory, torch_device, torch.float32,
-                        tokens=max_tokens + max_length * batch_size)
-    if plan_sink is not None and plan.stream:
-        plan_sink(plan.describe())
-    stream = None
-    if plan.stream:
-        from lora_tools.model.stream import StreamedModel
-
-        tokenizer = load_tokenizer(base_path)
-        stream = StreamedModel(base_path, torch_device, torch.float32)
-        model = stream.model
-    else:
-        model, tokenizer = load_base(base_path, device, torch.float32)
+    model, tokenizer, stream, _ = load_planned(base_path, offload, max_memory, torch_device, torch.float32,
+                                               tokens=max_tokens + max_length * batch_size, plan_sink=plan_sink)
     mapping = match_modules(model, list(adapter.modules))
     check_module_map(adapter, model, mapping, base_path)  # another architecture or missing modules: refused
     skipped = []

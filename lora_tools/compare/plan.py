@@ -96,26 +96,19 @@ def prepare_compare(adapter: Adapter | None, base: Path | None, options: Compare
 
 def _load(job: CompareJob, is_random: bool) -> tuple[Any, Any]:
     """(model, tokenizer): the whole model, or the skeleton of a streamed one (``job.stream`` set)."""
-    from lora_tools.basemodel import load_base, load_tokenizer
-    from lora_tools.model.offload import plan_offload
+    from lora_tools.basemodel import load_base
+    from lora_tools.model.offload import load_planned
 
     options = job.options
     dtype = DTYPES[options.dtype]
     if is_random:
         return load_base(job.base_path, job.device, dtype, need_tokenizer=False)
     # Hidden states carried per token: the sequences are at most max_length long, padded per batch.
-    plan = plan_offload(job.base_path, options.offload, options.max_memory, job.device, dtype,
-                        tokens=options.max_tokens + options.max_length * options.batch_size)
+    model, tokenizer, job.stream, plan = load_planned(
+        job.base_path, options.offload, options.max_memory, job.device, dtype,
+        tokens=options.max_tokens + options.max_length * options.batch_size, plan_sink=options.plan_sink)
     job.offload_plan = plan.as_dict()
-    if options.plan_sink is not None and plan.stream:  # a whole-model run says nothing new
-        options.plan_sink(plan.describe())
-    if not plan.stream:
-        return load_base(job.base_path, job.device, dtype)
-    from lora_tools.model.stream import StreamedModel
-
-    tokenizer = load_tokenizer(job.base_path)  # before the skeleton: a base without one fails fast
-    job.stream = StreamedModel(job.base_path, job.device, dtype)
-    return job.stream.model, tokenizer
+    return model, tokenizer
 
 
 def base_note(path: Path) -> str | None:

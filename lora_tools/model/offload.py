@@ -9,6 +9,7 @@ numbers before anything is loaded.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,24 @@ def plan_offload(base: Path, mode: str, max_memory: int | None, device: torch.de
     else:
         plan.reason = "the model fits the budget"
     return plan
+
+
+def load_planned(base: Path, mode: str, max_memory: int | None, device: torch.device, dtype: torch.dtype,
+                 tokens: int, plan_sink: Callable[[str], None] | None = None) -> tuple[Any, Any, Any, OffloadPlan]:
+    """(model, tokenizer, StreamedModel or None, plan): the base loaded whole, or its weightless skeleton and a
+    streamed model when the plan streams (the plan line then goes to ``plan_sink``)."""
+    from lora_tools.basemodel import load_base, load_tokenizer
+
+    plan = plan_offload(base, mode, max_memory, device, dtype, tokens=tokens)
+    if not plan.stream:
+        return (*load_base(base, device, dtype), None, plan)
+    if plan_sink is not None:  # a whole-model run says nothing new
+        plan_sink(plan.describe())
+    from lora_tools.model.stream import StreamedModel
+
+    tokenizer = load_tokenizer(base)  # before the skeleton: a base without one fails fast
+    stream = StreamedModel(base, device, dtype)
+    return stream.model, tokenizer, stream, plan
 
 
 def _size(n: int | None) -> str:
