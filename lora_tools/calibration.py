@@ -43,7 +43,7 @@ def collect_covariances(adapter: Adapter, base: Path | None, calib: Path | None,
     the base runs whole or block by block (``--offload``, see ``lora_tools.model.offload``)."""
     from lora_tools.basemodel import check_module_map, match_modules, resolve_base
     from lora_tools.data import calib_corpus_path
-    from lora_tools.model.feed import InMemoryFeed, StreamedFeed
+    from lora_tools.model.feed import model_feed
     from lora_tools.model.offload import load_planned
 
     calib_path = calib if calib is not None else calib_corpus_path()
@@ -81,10 +81,7 @@ def collect_covariances(adapter: Adapter, base: Path | None, calib: Path | None,
     sequences = {"calib": corpus.sequences}
     common = {"pad_id": int(tokenizer.pad_token_id), "batch_size": batch_size, "device": torch_device,
               "progress": progress or (lambda n: None)}
-    if stream is not None:
-        feed = StreamedFeed(stream, modules, mapping.model_names, sequences, **common)
-    else:
-        feed = InMemoryFeed(model, modules, sequences, **common)
+    feed = model_feed(model, stream, modules, mapping.model_names, sequences, **common)
 
     shared = SharedInputs()  # q/k/v (and gate/up) get one C: same tensor, same numbers
 

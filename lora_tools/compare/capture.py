@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from lora_tools.model.feed import InMemoryFeed, RandomFeed, StreamedFeed, random_tokens
+from lora_tools.model.feed import RandomFeed, model_feed, random_tokens
 
 STREAM_BATCH_SIZE = 8
 
@@ -24,9 +24,8 @@ def make_feed(job: Any, progress: Callable[[int], None]) -> Any:
     sequences = {"calib": job.calib_sequences, "holdout": job.holdout_sequences}
     common = {"pad_id": job.pad_id, "batch_size": options.batch_size, "device": job.device, "progress": progress}
     if job.stream is not None:
-        model_names = {layer.name: layer.model_name for layer in job.layers}
         # Smaller batches through one block at a time: the block's own temporaries (an MLP's intermediate
         # activations are batch x seq x intermediate floats, several times) bound a streamed run's peak.
         common["batch_size"] = min(options.batch_size, STREAM_BATCH_SIZE)
-        return StreamedFeed(job.stream, job.modules, model_names, sequences, **common)
-    return InMemoryFeed(job.model, job.modules, sequences, **common)
+    model_names = {layer.name: layer.model_name for layer in job.layers}
+    return model_feed(job.model, job.stream, job.modules, model_names, sequences, **common)

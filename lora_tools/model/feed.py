@@ -152,6 +152,16 @@ class StreamedFeed:
         self._done.add(split)
 
 
+def model_feed(model: torch.nn.Module, stream: Any, modules: Mapping[str, torch.nn.Module],
+               model_names: Mapping[str, str], sequences: Mapping[str, Sequence[list[int]]],
+               **common: Any) -> InMemoryFeed | StreamedFeed:
+    """The feed for a loaded base: streamed block by block when ``stream`` (a StreamedModel) is given, else the
+    whole model. ``common``: pad_id, batch_size, device, progress."""
+    if stream is not None:
+        return StreamedFeed(stream, modules, model_names, sequences, **common)
+    return InMemoryFeed(model, modules, sequences, **common)
+
+
 def block_index(model_name: str) -> int | None:
     """N of ``...layers.N....`` in a model module name, or None outside the decoder blocks."""
     parts = model_name.split(".")
