@@ -77,14 +77,6 @@ def end_to_end_steps(job: Any) -> int:
     return len(evaluation_sequences(job))
 
 
-def variant_count(job: Any) -> int:
-    """How many variants ``run_end_to_end`` evaluates (for the progress bar), without building them."""
-    ranks = len(job.ranks)
-    schemes = len(job.schemes)
-    act = ranks  # svd-act needs the calibration covariances, always there after the capture stage
-    return 1 + ranks + act + schemes + ranks * len(MIXED_SCHEMES) + ranks
-
-
 def run_end_to_end(job: Any, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """The ``end_to_end`` section for a job whose per-layer run is done (its layers hold C_calib on the row
     space of A: ``Layer.span``)."""

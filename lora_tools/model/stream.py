@@ -244,10 +244,6 @@ class StreamedModel:
                 head.to("meta")
             self._head_loaded = False
 
-    def named_linear_modules(self) -> dict[str, torch.nn.Module]:
-        """Every submodule by its full name (as an adapter names them), weights loaded or not."""
-        return dict(self.model.named_modules())
-
 
 def run_block(block: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
     output = block(hidden, **kwargs)
