@@ -86,12 +86,17 @@ def test_streamed_model_reads_one_block_at_a_time(tiny_llama: tuple[Path, Path])
 
     base, _ = tiny_llama
     stream = StreamedModel(base, torch.device("cpu"), torch.float32)
-    loaded = [p for p in stream.model.parameters() if p.device.type != "meta"]
-    assert len(loaded) == 1  # the embeddings only
+    def loaded() -> list[torch.nn.Parameter]:
+        return [p for p in stream.model.parameters() if p.device.type != "meta"]
+
+    assert loaded() == []  # nothing is read before the first embed
     ids = torch.randint(0, 30522, (2, 9))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     hidden, kwargs = stream.embed(ids, mask)
+    assert len(loaded()) == 1  # the embeddings only
+    stream.release_embeddings()
+    assert loaded() == []
     from lora_tools.model.stream import run_block
 
     for index in range(stream.checkpoint.blocks):

@@ -53,6 +53,7 @@ def evaluate_variants_streamed(stream: Any, modules: Mapping[str, torch.nn.Modul
         kwargs.append(block_kwargs)
         for carried in states:
             carried.append(hidden)
+    stream.release_embeddings()  # reloaded for a tied head only
     by_block: dict[int, list[str]] = {}
     for name in modules:
         by_block.setdefault(block_index(model_names[name]), []).append(name)

@@ -88,7 +88,8 @@ class StreamedFeed:
     """One stage per decoder block of a ``StreamedModel``; each split's hidden states live between stages.
 
     A split not forwarded by the job in a stage (a block with no compared layer) is still carried through the
-    block on the stage's exit, so every block sees the hidden states of all blocks before it.
+    block on the stage's exit, so every block sees the hidden states of all blocks before it. Blocks after the
+    last compared one are not read at all, and the embeddings are freed once every batch is embedded.
     """
 
     def __init__(self, streamed: Any, modules: Mapping[str, torch.nn.Module], model_names: Mapping[str, str],
@@ -109,16 +110,22 @@ class StreamedFeed:
         self._done: set[str] = set()
 
     @property
+    def blocks(self) -> int:
+        """Blocks run: up to the last one holding a compared layer (nothing later changes their inputs)."""
+        return max(self.by_block, default=-1) + 1
+
+    @property
     def steps(self) -> int:
-        """Progress units: every sequence once per block."""
-        return sum(len(s) for s in self.sequences.values()) * self.streamed.checkpoint.blocks
+        """Progress units: every sequence once per block run."""
+        return sum(len(s) for s in self.sequences.values()) * self.blocks
 
     def stages(self) -> Iterator[list[str]]:
         for split, sequences in self.sequences.items():
             self.states[split] = [(*self.streamed.embed(ids, mask), mask)
                                   for ids, mask in iter_batches(sequences, self.batch_size, self.pad_id, self.device)]
+        self.streamed.release_embeddings()  # every batch is embedded: the matrix is not needed again here
         try:
-            for index in range(self.streamed.checkpoint.blocks):
+            for index in range(self.blocks):
                 with self.streamed.block(index) as block:
                     self._block, self._names, self._done = block, self.by_block.get(index, []), set()
                     yield list(self._names)

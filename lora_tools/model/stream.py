@@ -150,7 +150,7 @@ class StreamedModel:
         self.blocks = self.model.model.layers
         self.bytes_read = 0
         self.seconds_reading = 0.0
-        self._load(self.model.model.embed_tokens, "model.embed_tokens.")
+        self._embeddings_loaded = False
         self._head_loaded = False
 
     # --- weights ------------------------------------------------------------------------------------------
@@ -185,6 +185,19 @@ class StreamedModel:
                     del tensor
         self.seconds_reading += time.perf_counter() - start
 
+    def _load_embeddings(self) -> None:
+        if not self._embeddings_loaded:
+            self._load(self.model.model.embed_tokens, "model.embed_tokens.")
+            self._embeddings_loaded = True
+
+    def release_embeddings(self) -> None:
+        """Free the embedding matrix once every batch is embedded (reloaded by the next ``embed``): it is the
+        largest single tensor of most LLMs (Llama-3-70B: 2.1 GB in bf16) and a run needs it only at the start
+        of each pass, and as a tied head at the end."""
+        if self._embeddings_loaded and not self._head_loaded:
+            self.model.model.embed_tokens.to("meta")
+            self._embeddings_loaded = False
+
     def _tied(self) -> bool:
         return bool(getattr(self.model.config, "tie_word_embeddings", False))
 
@@ -202,6 +215,7 @@ class StreamedModel:
         if not self._head_loaded:
             self._load(self.model.model.norm, "model.norm.")
             if self._tied() and "lm_head.weight" not in self.checkpoint.files:
+                self._load_embeddings()
                 # Tied embeddings: the head is the (already loaded) embedding matrix, not a second copy.
                 self.model.lm_head._parameters["weight"] = self.model.model.embed_tokens.weight
             else:
@@ -216,6 +230,7 @@ class StreamedModel:
         def catch(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             raise _Caught(args, kwargs)
 
+        self._load_embeddings()
         handle = self.blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
         try:
             self.model.model(input_ids=ids, attention_mask=mask, use_cache=False)
