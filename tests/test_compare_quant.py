@@ -390,3 +390,25 @@ def test_output_eigen_of_a_tall_dense_target_matches_the_direct_eigendecompositi
     assert eigen.values[15:].abs().max() < 1e-8 * values[0]
     top = eigen.vectors[:, :5]
     assert torch.allclose(top @ top.T, vectors[:, :5] @ vectors[:, :5].T, atol=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(12, 30), (30, 12), (16, 16)])
+@pytest.mark.parametrize("factored", [True, False])
+def test_svd_truncation_is_the_truncated_svd_and_knows_its_error_spectrum(shape: tuple[int, int],
+                                                                          factored: bool) -> None:
+    """A dense target's truncation comes from the smaller Gram's eigenvectors (a projection), not an SVD: it
+    must equal the rank-k SVD of float64 ``torch.linalg.svd``, and the error's σ² it carries must be those of
+    the explicit error matrix (what the error-structure columns would get from decomposing it)."""
+    from lora_tools.compare.metrics import approximation_error_structure, error_structure
+
+    target, _ = _problem(*shape, 5, 11, factored)
+    W = target.dense()
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    svd = target_svd(target)
+    for k in (1, 3, target.max_rank - 1):
+        approx = svd_truncation(target, svd, k)
+        expected = (U[:, :k] * S[:k]) @ Vh[:k]
+        assert torch.allclose(approx.dense(), expected, rtol=0, atol=1e-10 * float(S[0]))
+        E = approx.dense() - W
+        assert approximation_error_structure(target, approx, W) == pytest.approx(error_structure(E), rel=1e-8)
+        assert float(approx.error_sigma_sq.sum()) == pytest.approx(float(E.square().sum()), rel=1e-9)

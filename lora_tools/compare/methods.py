@@ -87,6 +87,9 @@ class Approximation:
     # Per-entry rounding steps of the quantized matrices ("W", or "B" and "A"), each shaped like that matrix,
     # for the uniform-noise prediction (metrics.uniform_noise_prediction).
     steps: dict[str, torch.Tensor] = field(default_factory=dict)
+    # σ² of the weight error Ŵ − W when the method knows them (a truncated SVD: the spectrum's tail), so the
+    # error structure needs no decomposition of an (out, in) error.
+    error_sigma_sq: torch.Tensor | None = None
 
     @property
     def label(self) -> str:
@@ -153,30 +156,52 @@ def quantize_target(target: Target, scheme: QuantScheme) -> Approximation:
 
 @dataclass(frozen=True)
 class TargetSVD:
-    """Thin SVD of the target in float64: U (out, k), S (k,), Vh (k, in)."""
+    """The target's singular structure in float64, descending.
 
-    U: torch.Tensor
-    S: torch.Tensor
-    Vh: torch.Tensor
+    Factored targets: the exact thin SVD U (out, m), S (m,), Vh (m, in) from the factors (QR + core SVD).
+    Dense targets: the eigenpairs of the smaller Gram matrix only — ``basis`` holds the left singular vectors
+    (``side`` "left", out <= in: eigenvectors of W Wᵀ) or the right ones ("right": of Wᵀ W), ``sigma_sq`` the σ².
+    A rank-k truncation is then the projection of W onto the top k of them, U_k (U_kᵀ W) or (W V_k) V_kᵀ, which is
+    the truncated SVD (Eckart–Young) without the other side's vectors; an error in the computed subspace changes
+    the approximation's error only to second order. For a 2048 x 5632 layer this is ~4x cheaper than the SVD.
+    """
+
+    U: torch.Tensor | None = None
+    S: torch.Tensor | None = None
+    Vh: torch.Tensor | None = None
+    basis: torch.Tensor | None = None
+    sigma_sq: torch.Tensor | None = None
+    side: str | None = None
 
 
 @torch.no_grad()
 def target_svd(target: Target) -> TargetSVD:
-    """Exact SVD: QR-core from the factors for ΔW (no out x in SVD), dense float64 otherwise."""
+    """Exact SVD from the factors for ΔW (no out x in SVD); the smaller Gram's eigenpairs for a dense target."""
     if target.factored:
         from lora_tools.linalg import lowrank_svd
 
         svd = lowrank_svd(target.B, target.A, target.scale, dtype=torch.float64)
         return TargetSVD(svd.U, svd.S, svd.Vh)
-    U, S, Vh = torch.linalg.svd(target.weight.to(torch.float64), full_matrices=False)
-    return TargetSVD(U, S, Vh)
+    W = target.weight.to(torch.float64)
+    side = "left" if W.shape[0] <= W.shape[1] else "right"
+    gram = W @ W.T if side == "left" else W.T @ W
+    values, vectors = torch.linalg.eigh(gram)
+    return TargetSVD(basis=vectors.flip(1), sigma_sq=values.flip(0).clamp_min(0), side=side)
 
 
 def svd_truncation(target: Target, svd: TargetSVD, rank: int) -> Approximation:
-    k = min(rank, svd.S.numel())
-    # A copy, not a view: a view would keep the whole (m, in) Vh of the layer alive with the approximation.
-    return Approximation("svd", lowrank_bytes(target.shape, rank), rank=rank,
-                         left=svd.U[:, :k] * svd.S[:k], right=svd.Vh[:k].clone())
+    if svd.basis is None:
+        k = min(rank, svd.S.numel())
+        # A copy, not a view: a view would keep the whole (m, in) Vh of the layer alive with the approximation.
+        left, right, tail = svd.U[:, :k] * svd.S[:k], svd.Vh[:k].clone(), svd.S[k:].square()
+    else:
+        k = min(rank, svd.sigma_sq.numel())
+        basis = svd.basis[:, :k].clone()
+        W = target.weight.to(torch.float64)
+        left, right = (basis, basis.T @ W) if svd.side == "left" else (W @ basis, basis.T.contiguous())
+        tail = svd.sigma_sq[k:]
+    return Approximation("svd", lowrank_bytes(target.shape, rank), rank=rank, left=left, right=right,
+                         error_sigma_sq=tail.clone())
 
 
 @dataclass(frozen=True)

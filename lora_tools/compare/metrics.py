@@ -112,7 +112,10 @@ def rel_error(signal: float, noise: float) -> float:
 
 @torch.no_grad()
 def approximation_error_structure(target: Target, approx: Approximation, W: torch.Tensor) -> tuple[float, float]:
-    """``error_structure`` of E = Ŵ − W; exact singular values from the factors when both are low rank."""
+    """``error_structure`` of E = Ŵ − W: from the error's σ² when the method knows them, exact singular values
+    from the factors when both are low rank, else from E's Gram matrix."""
+    if approx.error_sigma_sq is not None:
+        return _structure_from_sigma_sq(approx.error_sigma_sq)
     if approx.weight is None and target.factored:
         from lora_tools.linalg import lowrank_svd
 

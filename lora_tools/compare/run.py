@@ -166,6 +166,9 @@ class CompareJob:
                 add_holdout_tokens(layer, x)
 
             feed.forward("calib", on_calib, factors)
+            if self.stream is not None and not all(layer.target.factored for layer in layers):
+                self._layer_by_layer(feed, layers, factors, rows, advance)
+                continue
             for layer in layers:
                 fit_layer(layer, self.schemes, self.ranks, self.device)
                 measure_calibration(layer, self.device, keep_span=self.end_to_end)
@@ -192,6 +195,32 @@ class CompareJob:
                 report["offload"].update(bytes_read=self.stream.bytes_read,
                                          seconds_reading=round(self.stream.seconds_reading, 3))
         return report
+
+
+    def _layer_by_layer(self, feed: Any, layers: list[Layer], factors: dict[str, Any],
+                        rows: dict[str, dict[str, Any]], advance: Callable[[int], None]) -> None:
+        """A streamed block of dense targets (``--target base|merged``), one layer at a time: the held-out split
+        is forwarded once and each layer's inputs kept (an input shared by q/k/v or gate/up is one tensor),
+        then every layer is fitted, measured and finalized in turn and its inputs dropped. A block's dense
+        approximations (the quantized W, rank-k factors at the equal-budget ranks: ~0.2 GB per 2048 x 5632
+        layer) are then never held together, only one layer's."""
+        from lora_tools.compare.evaluate import add_holdout_tokens, finalize_layer, measure_calibration
+        from lora_tools.compare.fit import fit_layer
+
+        held: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in layers}
+        feed.forward("holdout", lambda name, x: held[name].append(x), factors)
+        for i, layer in enumerate(layers):
+            fit_layer(layer, self.schemes, self.ranks, self.device)
+            measure_calibration(layer, self.device, keep_span=False)
+            advance(1)
+            if not any(later.calib is layer.calib for later in layers[i + 1:]):
+                layer.calib.release()
+            for x in held.pop(layer.name):  # a C_holdout of its own: one layer's at a time
+                layer.holdout.update(x)
+                add_holdout_tokens(layer, x)
+            rows[layer.name] = finalize_layer(layer, self.device)
+            layer.release()
+            release_free_memory()
 
 
 def dense_target(kind: str, layer: Layer, adapter: Adapter | None, device: torch.device) -> Target:
