@@ -7,10 +7,12 @@ Runs, each in a fresh process with its peak RSS sampled (psutil, every 50 ms) an
 3. ``compare-quant --target base --ranks 64 --schemes int8-channel --offload always``.
 
 The checkpoint comes from benchmarks/make_synthetic_llama.py (never committed). ``--base-adapter`` lets run 3 use
-an adapter over fewer blocks (its dense W0 fits are the cost there, not the streaming).
+another adapter (by default the full one: every linear layer's W0 is fitted).
 
     .venv/bin/python benchmarks/make_synthetic_llama.py /tmp/synth
     .venv/bin/python benchmarks/bench_streaming.py /tmp/synth --write-report
+
+``--runs base`` (etc.) runs some now and keeps the others' last results (FOLDER/bench_streaming.json).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -80,40 +83,56 @@ def paper_70b(c: dict[str, int] = LLAMA3_70B, dtype_bytes: int = 2, tokens: int 
     ])
 
 
+RUNS = ("floor", "delta", "base")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path, help="the output folder of make_synthetic_llama.py")
     parser.add_argument("--base-adapter", type=Path, default=None, help="adapter for the --target base run")
     parser.add_argument("--max-tokens", type=int, default=6000)
+    parser.add_argument("--runs", default=",".join(RUNS),
+                        help="which runs now (comma-separated of floor, delta, base); the others' last results "
+                             "are read back from FOLDER/bench_streaming.json, so long runs can be done apart")
     parser.add_argument("--write-report", action="store_true")
     parser.add_argument("--report", type=Path, default=DEFAULT_REPORT)
     args = parser.parse_args(argv)
+    wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
+    if any(r not in RUNS for r in wanted):
+        parser.error(f"--runs: choose from {', '.join(RUNS)}")
     base, adapter = args.folder / "base", args.folder / "adapter"
     config = json.loads((base / "config.json").read_text())
-    load = os.getloadavg()[0]
-    wall, rss, kernel, out = measured([sys.executable, "-c", READ_FLOOR, str(base)])
-    read_bytes, read_seconds = (float(v) for v in out.split())
-    rows = [f"| read every tensor once (safetensors) | {wall:.0f} s | {rss:.0f} MiB | {kernel:.0f} MiB | "
-            f"{read_seconds:.0f} s for {read_bytes / 1e9:.2f} GB |"]
+    state_path = args.folder / "bench_streaming.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     common = ["--base", str(base), "--offload", "always", "--max-tokens", str(args.max_tokens), "--holdout", "0",
               "--json", "--quiet"]
-    runs = {"`--target delta` (defaults + end to end, `--e2e-tokens 64`)":
-            [str(adapter), *common, "--e2e-tokens", "64"],
-            "`--target base --ranks 64 --schemes int8-channel`":
-            [str(args.base_adapter or adapter), *common, "--target", "base", "--ranks", "64", "--schemes",
-             "int8-channel"]}
-    details = []
-    for label, extra in runs.items():
-        wall, rss, kernel, out = measured([sys.executable, "-m", "lora_tools", "compare-quant", *extra])
-        report = json.loads(out)
-        offload = report["offload"]
-        layers = len(report["layers"])
-        rows.append(f"| compare-quant {label}: {layers} layers | {wall:.0f} s | {rss:.0f} MiB | {kernel:.0f} MiB | "
-                    f"{offload['seconds_reading']:.0f} s for {offload['bytes_read'] / 1e9:.2f} GB |")
-        details.append(f"- {label}: plan: {offload['blocks']} blocks of {offload['block_bytes'] / 1e6:.0f} MB, "
-                       f"embeddings {offload['resident_bytes'] / 1e6:.0f} MB held, hidden states "
-                       f"{offload['activation_bytes'] / 1e6:.0f} MB (estimate), expected peak "
-                       f"{offload['expected_peak_bytes'] / 1e6:.0f} MB before statistics")
+    runs = {"delta": ("`--target delta` (defaults + end to end, `--e2e-tokens 64`)",
+                      [str(adapter), *common, "--e2e-tokens", "64"]),
+            "base": ("`--target base --ranks 64 --schemes int8-channel`",
+                     [str(args.base_adapter or adapter), *common, "--target", "base", "--ranks", "64",
+                      "--schemes", "int8-channel"])}
+    for key in wanted:
+        load = os.getloadavg()[0]
+        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        if key == "floor":
+            wall, rss, kernel, out = measured([sys.executable, "-c", READ_FLOOR, str(base)])
+            read_bytes, read_seconds = (float(v) for v in out.split())
+            row = (f"| read every tensor once (safetensors) | {wall:.0f} s | {rss:.0f} MiB | {kernel:.0f} MiB | "
+                   f"{read_seconds:.0f} s for {read_bytes / 1e9:.2f} GB |")
+            state[key] = {"row": row, "detail": None, "load": load, "date": stamp}
+        else:
+            label, extra = runs[key]
+            wall, rss, kernel, out = measured([sys.executable, "-m", "lora_tools", "compare-quant", *extra])
+            report = json.loads(out)
+            offload = report["offload"]
+            row = (f"| compare-quant {label}: {len(report['layers'])} layers | {wall:.0f} s | {rss:.0f} MiB | "
+                   f"{kernel:.0f} MiB | {offload['seconds_reading']:.0f} s for {offload['bytes_read'] / 1e9:.2f} GB |")
+            detail = (f"{label}: plan: {offload['blocks']} blocks of {offload['block_bytes'] / 1e6:.0f} MB, "
+                      f"hidden states {offload['activation_bytes'] / 1e6:.0f} MB (estimate)")
+            state[key] = {"row": row, "detail": detail, "load": load, "date": stamp}
+        state_path.write_text(json.dumps(state, indent=1))
+        print(state[key]["row"], flush=True)
+    done = [k for k in RUNS if k in state]
     body = "\n".join([
         f"Synthetic Llama checkpoint from `benchmarks/make_synthetic_llama.py`: hidden {config['hidden_size']}, "
         f"intermediate {config['intermediate_size']}, {config['num_hidden_layers']} blocks, vocab "
@@ -124,11 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "| run | wall | peak RSS (sampled) | max RSS (kernel) | reading weights (the floor) |",
         "| --- | --- | --- | --- | --- |",
-        *rows,
+        *[state[k]["row"] for k in done],
         "",
-        *details,
-        "",
-        f"Load average (1 min) {load:.1f} before the runs (2 CPUs); torch {__import__('torch').__version__}.",
+        *[f"- {k}: run {state[k]['date']}, load average (1 min) {state[k]['load']:.1f} before it (2 CPUs)"
+          + (f"; {state[k]['detail']}" if state[k]["detail"] else "") for k in done],
+        f"- torch {__import__('torch').__version__}.",
         "",
         paper_70b(),
     ])
