@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from lora_tools.errors import InvalidOptionError
-from lora_tools.model.stream import STREAMABLE, StreamError, read_checkpoint
+from lora_tools.model.stream import STREAMABLE, StreamError, open_checkpoint
 
 MODES = ("auto", "never", "always")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -96,17 +96,19 @@ def plan_offload(base: Path, mode: str, max_memory: int | None, device: torch.de
         raise InvalidOptionError(f"--offload: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "never":
         return OffloadPlan(mode, False, "--offload never")
-    if not base.is_dir():
+    gguf = base.suffix.lower() == ".gguf" and not base.is_dir()
+    if not base.is_dir() and not gguf:
         if mode == "always":
-            raise StreamError(f"{base}: --offload always streams safetensors checkpoints block by block; a "
-                              f"{base.suffix or 'single-file'} base is loaded whole (use --offload auto|never)")
+            raise StreamError(f"{base}: --offload always streams safetensors checkpoints or .gguf model files "
+                              f"block by block; a {base.suffix or 'single-file'} base is loaded whole "
+                              "(use --offload auto|never)")
         return OffloadPlan(mode, False, f"{base.suffix or 'file'} bases load whole")
     try:
-        checkpoint = read_checkpoint(base)
+        checkpoint = open_checkpoint(base)  # headers only; a GGUF's sizes come from its tensor shapes
     except StreamError:
         if mode == "always":
             raise
-        return OffloadPlan(mode, False, "no safetensors checkpoint to stream")
+        return OffloadPlan(mode, False, f"no {'GGUF' if gguf else 'safetensors'} checkpoint to stream")
     streamable = checkpoint.model_type in STREAMABLE
     if mode == "always" and not streamable:
         raise StreamError(f"{base}: cannot stream a {checkpoint.model_type!r} model with --offload always "
@@ -148,9 +150,19 @@ def load_planned(base: Path, mode: str, max_memory: int | None, device: torch.de
         plan_sink(plan.describe())
     from lora_tools.model.stream import StreamedModel
 
-    tokenizer = load_tokenizer(base)  # before the skeleton: a base without one fails fast
+    tokenizer = _gguf_tokenizer(base) if base.suffix.lower() == ".gguf" else load_tokenizer(base)  # fails fast
     stream = StreamedModel(base, device, dtype)
     return stream.model, tokenizer, stream, plan
+
+
+def _gguf_tokenizer(base: Path) -> Any:
+    from lora_tools.errors import BaseModelError
+
+    tokenizer = open_checkpoint(base).tokenizer  # parsed with the plan's header read
+    if tokenizer is None:
+        raise BaseModelError(f"{base}: this GGUF holds no tokenizer (no tokenizer.ggml.tokens); pass a base "
+                             "with a tokenizer, or use --calib random")
+    return tokenizer
 
 
 def _size(n: int | None) -> str:

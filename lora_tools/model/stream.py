@@ -3,8 +3,8 @@
 This is how GPTQ/AWQ calibrate bases larger than memory (llm-compressor's sequential pipeline, GPTQModel): build
 the model skeleton without weights (meta device), load the embeddings, catch what the first decoder block receives
 (hidden states plus the keyword arguments the model builds for every block: attention mask, rotary position
-embeddings, position ids), then for each block load just its tensors from the safetensors shards, run every batch
-through it, free it and carry the hidden states on. The final norm and LM head give the logits.
+embeddings, position ids), then for each block load just its tensors from the safetensors shards (or dequantize
+them from a ``.gguf`` file: ``gguf_stream``), run every batch through it, free it and carry the hidden states on. The final norm and LM head give the logits.
 
 Only the forward of the model's own modules runs: the same kernels, shapes and order as an in-memory forward, so a
 streamed run gives the same numbers (the tests hold them to 1e-5).
@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,46 @@ class Checkpoint:
         stored, element = self.sizes[name]
         return stored if dtype_bytes is None else element * dtype_bytes
 
+    def label(self, name: str) -> str:
+        return name
+
+    def transformers_config(self) -> Any:
+        import transformers
+
+        return transformers.AutoConfig.from_pretrained(str(self.folder), local_files_only=True)
+
+    def read(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor as stored) for each name, one shard opened at a time."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        for shard, keys in by_file.items():
+            with safe_open(str(shard), framework="pt", device="cpu") as handle:
+                for key in keys:
+                    yield key, handle.get_tensor(key)
+
+
+def open_checkpoint(base: Path) -> Any:
+    """The tensor source of a base: a safetensors folder (``Checkpoint``) or a ``.gguf`` model file
+    (``lora_tools.model.gguf_stream.GGUFCheckpoint``, same interface)."""
+    if base.suffix.lower() == ".gguf" and not base.is_dir():
+        from lora_tools.model.gguf_stream import read_gguf_checkpoint
+
+        return read_gguf_checkpoint(base)
+    return read_checkpoint(base)
+
+
+def skeleton(config: Any, dtype: torch.dtype) -> torch.nn.Module:
+    """The causal LM of ``config`` with its parameters on the meta device (buffers such as rotary inv_freq real)."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
 
 def read_checkpoint(folder: Path) -> Checkpoint:
     """The tensor -> shard map of a transformers folder (model.safetensors or a sharded index), every shard
@@ -123,7 +163,7 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
            "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8}
 
 
-def check_streamable(checkpoint: Checkpoint) -> None:
+def check_streamable(checkpoint: Any) -> None:
     if checkpoint.model_type not in STREAMABLE:
         raise StreamError(f"{checkpoint.folder}: cannot stream a {checkpoint.model_type!r} model yet (streaming "
                           f"supports decoder-only {', '.join(STREAMABLE)}); use --offload never")
@@ -134,19 +174,15 @@ def check_streamable(checkpoint: Checkpoint) -> None:
 class StreamedModel:
     """A causal LM whose decoder blocks are loaded one at a time (see the module docstring)."""
 
-    def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, base: Path, device: torch.device, dtype: torch.dtype) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import transformers
-        from accelerate import init_empty_weights
 
-        self.checkpoint = read_checkpoint(folder)
+        self.checkpoint = open_checkpoint(base)  # a safetensors folder or a .gguf file
         check_streamable(self.checkpoint)
         self.device, self.dtype = device, dtype
         transformers.logging.set_verbosity_error()
-        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
-        with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary inv_freq) real
-            self.model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-        self.model.eval()
+        self.model = skeleton(self.checkpoint.transformers_config(), dtype)
         self.blocks = self.model.model.layers
         self.bytes_read = 0
         self.seconds_reading = 0.0
@@ -159,30 +195,25 @@ class StreamedModel:
         """Materialise ``module``'s parameters from the checkpoint (names ``prefix`` + parameter path)."""
         import time
 
-        from safetensors import safe_open
-
         start = time.perf_counter()
-        by_file: dict[Path, list[tuple[str, str]]] = {}
+        paths: dict[str, str] = {}
         for path, _ in module.named_parameters():
             key = prefix + path
             if key not in self.checkpoint.files:
                 raise StreamError(f"{self.checkpoint.folder}: tensor {key} is not in the checkpoint")
-            by_file.setdefault(self.checkpoint.files[key], []).append((key, path))
-        for shard, names in by_file.items():
-            with safe_open(str(shard), framework="pt", device="cpu") as handle:
-                for key, path in names:
-                    tensor = handle.get_tensor(key)
-                    owner, leaf = _owner(module, path)
-                    expected = tuple(owner._parameters[leaf].shape)
-                    if tuple(tensor.shape) != expected:
-                        raise StreamError(f"{shard}: {key} has shape {tuple(tensor.shape)}, the config says "
-                                          f"{expected}")
-                    self.bytes_read += tensor.numel() * tensor.element_size()
-                    # A copy, read now: a tensor left on safetensors' memory map would be read page by page
-                    # during the block's forward, hiding the reading time (the floor of a streamed run).
-                    owner._parameters[leaf] = torch.nn.Parameter(tensor.to(self.device, self.dtype, copy=True),
-                                                                 requires_grad=False)
-                    del tensor
+            paths[key] = path
+        for key, tensor in self.checkpoint.read(paths):
+            owner, leaf = _owner(module, paths[key])
+            expected = tuple(owner._parameters[leaf].shape)
+            if tuple(tensor.shape) != expected:
+                raise StreamError(f"{self.checkpoint.files[key]}: {self.checkpoint.label(key)} has shape "
+                                  f"{tuple(tensor.shape)}, the config says {expected}")
+            self.bytes_read += tensor.numel() * tensor.element_size()
+            # A copy, read now: a tensor left on safetensors' memory map would be read page by page during
+            # the block's forward, hiding the reading time (the floor of a streamed run).
+            owner._parameters[leaf] = torch.nn.Parameter(tensor.to(self.device, self.dtype, copy=True),
+                                                         requires_grad=False)
+            del tensor
         self.seconds_reading += time.perf_counter() - start
 
     def _load_embeddings(self) -> None:
