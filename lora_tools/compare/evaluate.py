@@ -52,7 +52,7 @@ def measure_calibration(layer: Any, device: torch.device, keep_span: bool) -> No
     # The dense map is needed for dense targets only: a factored target's errors all come from its factors
     # (out x in float64 would be 92 MB for a 2048 x 5632 layer, for nothing).
     W = None if target.factored else target.dense(torch.float64).to(device)  # (out, in)
-    context = EnergyContext(target, C_calib, W)
+    context = EnergyContext(target, C_calib, W, WC=layer.eigen.WC)  # W C as the fit computed it, if it did
     errors = []
     for approx in layer.approximations:
         err_calib, _, _ = context.energies(approx)

@@ -210,6 +210,7 @@ class OutputEigen:
 
     values: torch.Tensor
     vectors: torch.Tensor
+    WC: torch.Tensor | None = None  # W C of a dense target (out <= in), reused by the calibration energies
 
     def tail_energy(self, rank: int) -> float:
         """Σ_{i>k} λ_i: the optimal output error² at rank k (clamped at 0: tiny negative λ are rounding)."""
@@ -233,9 +234,10 @@ def output_eigen(target: Target, C: torch.Tensor) -> OutputEigen:
     else:
         W = target.weight.to(torch.float64)
         if W.shape[0] <= W.shape[1]:
-            M = W @ C @ W.T  # (out, out)
+            WC = W @ C  # (out, in)
+            M = WC @ W.T  # (out, out)
             values, vectors = torch.linalg.eigh((M + M.T) / 2)
-            values, vectors = values.flip(0), vectors.flip(1)
+            return OutputEigen(values.flip(0), vectors.flip(1), WC)
         else:
             # More outputs than inputs (gate/up projections): W C Wᵀ = (W L)(W L)ᵀ with C = L Lᵀ, so its
             # eigenpairs are the left singular pairs of the (out, in) matrix W L — an O(out·in²) thin SVD instead

@@ -47,7 +47,7 @@ class EnergyContext:
     leave that space and need one (r, in) @ (in, in) product each. Dense targets share W C.
     """
 
-    def __init__(self, target: Target, C: torch.Tensor, W: torch.Tensor) -> None:
+    def __init__(self, target: Target, C: torch.Tensor, W: torch.Tensor, WC: torch.Tensor | None = None) -> None:
         self.target = target
         self.C = C.to(torch.float64)
         self.W = W
@@ -60,7 +60,7 @@ class EnergyContext:
             self.G_a = self.AC @ self.A.T  # (r, r)
             self.y = float(((self.sB @ self.G_a) * self.sB).sum())
         else:
-            self.WC = W @ self.C  # (out, in)
+            self.WC = W @ self.C if WC is None else WC  # (out, in)
             self.y = float((self.WC * W).sum())
 
     @torch.no_grad()
