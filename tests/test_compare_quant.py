@@ -412,3 +412,22 @@ def test_svd_truncation_is_the_truncated_svd_and_knows_its_error_spectrum(shape:
         E = approx.dense() - W
         assert approximation_error_structure(target, approx, W) == pytest.approx(error_structure(E), rel=1e-8)
         assert float(approx.error_sigma_sq.sum()) == pytest.approx(float(E.square().sum()), rel=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(600, 40), (40, 600)])
+def test_dense_rounding_metrics_in_blocks_equal_the_whole_matrix(shape: tuple[int, int]) -> None:
+    """The dense-rounding energies, error structure and noise prediction are summed over blocks of 256 rows or
+    columns (float64 temporaries of a few rows): they must equal the same formulas on the whole error matrix."""
+    from lora_tools.compare.metrics import approximation_error_structure, error_structure
+
+    target, X = _problem(*shape, 700, 5, False)
+    C, W = X @ X.T, target.dense()
+    approx = quantize_target(target, get_scheme("int4-g32"))
+    E = approx.dense() - W
+    err, y_hat, inner = EnergyContext(target, C, W).energies(approx)
+    assert err == pytest.approx(float((E @ X).norm() ** 2), rel=1e-9)
+    assert inner == pytest.approx(float(((W @ X) * (approx.dense() @ X)).sum()), rel=1e-9)
+    assert approximation_error_structure(target, approx, W) == pytest.approx(error_structure(E), rel=1e-9)
+    step = approx.steps["W"].to(torch.float64)
+    expected = float((step.square() @ torch.diagonal(C)).sum()) / 12.0
+    assert uniform_noise_prediction(approx, target, C) == pytest.approx(expected, rel=1e-12)

@@ -67,10 +67,12 @@ class EnergyContext:
     def energies(self, approx: Approximation) -> tuple[float, float, float]:
         """(‖E X‖², ‖Ŵ X‖², <W X, Ŵ X>) for Ŵ = approx and E = Ŵ − W (float64)."""
         if approx.weight is not None:  # dense rounding of a dense target
-            W_hat = approx.weight.to(torch.float64)
-            E = W_hat - self.W
-            err = float(((E @ self.C) * E).sum())
-            inner = float((self.WC * W_hat).sum())
+            err = inner = 0.0
+            for rows in row_blocks(approx.weight.shape[0]):  # float64 temporaries of a few rows, not (out, in)
+                W_hat = approx.weight[rows].to(torch.float64)
+                E = W_hat - self.W[rows]
+                err += float(((E @ self.C) * E).sum())
+                inner += float((self.WC[rows] * W_hat).sum())
             return err, err - self.y + 2 * inner, inner
         left = approx.scale * approx.left.to(torch.float64)  # (out, k)
         right = approx.right.to(torch.float64)  # (k, in)
@@ -124,7 +126,27 @@ def approximation_error_structure(target: Target, approx: Approximation, W: torc
         R = torch.cat([approx.right.to(torch.float64), target.A.to(torch.float64)], dim=0)
         S = lowrank_svd(L, R, compute_uv=False).S
         return _structure_from_sigma_sq(S.square())
-    return error_structure(approx.dense(torch.float64).to(W.device) - W)
+    if approx.weight is None:
+        return error_structure(approx.dense(torch.float64).to(W.device) - W)
+    # A dense rounding: E's Gram matrix summed over blocks of E, never the whole float64 E.
+    out, inp = W.shape
+    gram = torch.zeros(min(out, inp), min(out, inp), dtype=torch.float64, device=W.device)
+    for part in row_blocks(out if out > inp else inp):
+        if out > inp:  # Eᵀ E = Σ over row blocks
+            E = approx.weight[part].to(W.device, torch.float64) - W[part]
+            gram.addmm_(E.T, E)
+        else:  # E Eᵀ = Σ over column blocks
+            E = approx.weight[:, part].to(W.device, torch.float64) - W[:, part]
+            gram.addmm_(E, E.T)
+    return _structure_from_sigma_sq(torch.linalg.eigvalsh(gram).clamp_min(0))
+
+
+ROW_BLOCK = 256
+
+
+def row_blocks(count: int, size: int = ROW_BLOCK) -> list[slice]:
+    """Consecutive slices of ``size`` covering ``range(count)``: the unit of the float64 temporaries above."""
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
 
 
 def _structure_from_sigma_sq(sigma_sq: torch.Tensor) -> tuple[float, float]:
@@ -163,8 +185,9 @@ def uniform_noise_prediction(approx: Approximation, target: Target, C: torch.Ten
     C = C.to(torch.float64)
     diag = torch.diagonal(C)  # (in,)
     if "W" in approx.steps:
-        step = approx.steps["W"].to(torch.float64)
-        return float((step.square() @ diag).sum() / 12.0)
+        step = approx.steps["W"]
+        return sum(float((step[rows].to(torch.float64).square() @ diag).sum())
+                   for rows in row_blocks(step.shape[0])) / 12.0
     B = target.B.to(torch.float64)
     A = target.A.to(torch.float64)
     step_B = approx.steps["B"].to(torch.float64)  # (out, r)
