@@ -18,7 +18,8 @@ from lora_tools.compare.end_to_end import (
     evaluate_variants,
 )
 from lora_tools.compare.frontier import finalize
-from lora_tools.compare.variants import ModuleFactors, Variant, build_variants
+from lora_tools.compare.variants import ModuleFactors, Variant
+from lora_tools.compare.variants_plan import build_variants
 from lora_tools.errors import InvalidOptionError, ModuleMismatchError
 from lora_tools.formats import load_adapter
 from tests.conftest import make_peft_adapter, tiny_bert, tiny_gpt2, tiny_llama

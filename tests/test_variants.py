@@ -9,7 +9,8 @@ import torch
 
 from lora_tools.compare.methods import Target, lowrank_bytes, quantize_target
 from lora_tools.compare.metrics import uniform_noise_prediction
-from lora_tools.compare.variants import ModuleFactors, VariantBuilder, build_variants, uniform_noise_sq
+from lora_tools.compare.variants import ModuleFactors, uniform_noise_sq
+from lora_tools.compare.variants_plan import VariantPlan, build_variants
 from lora_tools.errors import InvalidOptionError, ModuleMismatchError
 from lora_tools.formats import load_adapter
 from lora_tools.quant import choose_qparams, dequantize, get_scheme, quantize, quantized_bytes
@@ -209,14 +210,14 @@ def test_bad_inputs(adapter, tmp_path: Path) -> None:  # noqa: ANN001
     with pytest.raises(InvalidOptionError, match="scheme"):
         build_variants(adapter, schemes=("int3-foo",))
     with pytest.raises(ModuleMismatchError, match="no module"):
-        VariantBuilder(adapter, modules=["nope"])
+        VariantPlan(adapter, modules=["nope"])
     with pytest.raises(ModuleMismatchError, match="covariance has shape"):
-        VariantBuilder(adapter, {"layers.0.q_proj": torch.eye(3)})
+        VariantPlan(adapter, {"layers.0.q_proj": torch.eye(3)})
     tensors = lora_tensors({"q": (4, 5, 2)})
     tensors["base_model.model.q.lora_A.weight"][0, 0] = float("nan")
     broken = load_adapter(write_peft(tmp_path / "nan", tensors, r=2, lora_alpha=2))
     with pytest.raises(ModuleMismatchError, match="NaN"):
-        VariantBuilder(broken)
+        VariantPlan(broken)
 
 
 def test_zero_adapter_builds_without_dividing_by_zero(tmp_path: Path) -> None:

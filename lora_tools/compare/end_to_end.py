@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from lora_tools.capture import iter_batches
-from lora_tools.compare.variants import Variant
+from lora_tools.compare.variants import ModuleFactors, Variant
 from lora_tools.errors import BaseModelError, InvalidOptionError, ModuleMismatchError
 from lora_tools.memory import release_free_memory
 
@@ -120,20 +120,27 @@ def module_dims(module: torch.nn.Module) -> tuple[int, int]:
 
 def prepare_factors(variant: Variant, modules: Mapping[str, torch.nn.Module], device: Any) -> FactorSet:
     """The variant's factors on ``device`` (float32), checked against the model's modules."""
-    if set(variant.factors) != set(modules):
-        missing = sorted(set(modules) - set(variant.factors))
-        extra = sorted(set(variant.factors) - set(modules))
+    return prepare_module_factors(variant.label, variant.factors, modules, device)
+
+
+def prepare_module_factors(label: str, factors: Mapping[str, ModuleFactors], modules: Mapping[str, torch.nn.Module],
+                           device: Any) -> FactorSet:
+    """Factors of variant ``label`` for exactly ``modules`` (all of them, or one block's) on ``device``, checked
+    against the model's layers."""
+    if set(factors) != set(modules):
+        missing = sorted(set(modules) - set(factors))
+        extra = sorted(set(factors) - set(modules))
         detail = f"lacks {', '.join(missing[:3])}" if missing else f"has modules not in the model: " \
                                                                   f"{', '.join(extra[:3])}"
-        raise ModuleMismatchError(f"variant {variant.label}: {detail} (every variant must cover exactly the "
+        raise ModuleMismatchError(f"variant {label}: {detail} (every variant must cover exactly the "
                                   "modules being hooked)")
     prepared = {}
     for name, module in modules.items():
         out, inp = module_dims(module)
-        f = variant.factors[name]
+        f = factors[name]
         if f.B.ndim != 2 or f.A.ndim != 2 or f.B.shape[0] != out or f.A.shape[1] != inp \
                 or f.B.shape[1] != f.A.shape[0]:
-            raise ModuleMismatchError(f"variant {variant.label}: module {name}: factors B {tuple(f.B.shape)} @ "
+            raise ModuleMismatchError(f"variant {label}: module {name}: factors B {tuple(f.B.shape)} @ "
                                       f"A {tuple(f.A.shape)} do not fit the layer ({out} x {inp})")
         prepared[name] = (f.B.to(device, torch.float32), f.A.to(device, torch.float32), float(f.scale))
     return prepared
@@ -352,10 +359,12 @@ def _forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, metr
     return hidden
 
 
-def _kl_batch(forward: Callable[[FactorSet | None], torch.Tensor], ids: torch.Tensor, mask: torch.Tensor,
-              comparator: _LogitComparator, reference: FactorSet, prepared: list[FactorSet], base_tally: _Tally,
+def _kl_batch(forward: Callable[[Any], torch.Tensor], ids: torch.Tensor, mask: torch.Tensor,
+              comparator: _LogitComparator, reference: Any, prepared: Sequence[Any], base_tally: _Tally,
               adapter_tally: _Tally, tallies: list[_Tally]) -> None:
-    """One batch: the reference logits are kept while the base and every variant are compared with them."""
+    """One batch: the reference logits are kept while the base and every variant are compared with them.
+    ``reference`` and ``prepared`` are what ``forward`` takes to select a model (factor sets, or the slots of a
+    streamed run's hidden states); ``forward(None)`` is the base."""
     pairs = torch.zeros_like(mask, dtype=torch.bool)
     pairs[:, :-1] = mask[:, :-1].bool() & mask[:, 1:].bool()  # position t predicts the real token t+1
     positions = torch.nonzero(pairs.flatten())[:, 0]  # (N,) indices into the flattened (batch x seq)

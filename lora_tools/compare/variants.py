@@ -23,12 +23,15 @@ Predicted errors (per module, squared, absolute), in two spaces:
   svd-act, the eigenvalue tail Σ_{i≥k} λ_i; rounding, the uniform-noise model with C (the formula of
   ``compare.metrics.uniform_noise_prediction``). A mixed variant predicts tail + noise: the rounding noise has
   zero mean, so its expected cross term with the truncation error vanishes.
+
+This file holds the families *per module* (``decompose`` a module once, ``module_variant`` gives one family's
+factors, bytes and prediction for it). What spans modules — the variant list, the avg-rank allocation, the notes —
+is ``compare.variants_plan``, which builds the modules all at once or one decoder block at a time.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -37,10 +40,9 @@ from lora_tools.adapter import Adapter
 from lora_tools.calibration import activation_aware_factors
 from lora_tools.compare.methods import lowrank_bytes
 from lora_tools.compare.span import SpanCovariance
-from lora_tools.errors import InvalidOptionError, ModuleMismatchError
+from lora_tools.errors import ModuleMismatchError
 from lora_tools.linalg import lowrank_svd
-from lora_tools.linalg.truncate import allocate_ranks
-from lora_tools.quant import DEFAULT_SCHEMES, QuantScheme, fake_quantize, get_scheme, quantized_bytes
+from lora_tools.quant import QuantScheme, fake_quantize, quantized_bytes
 
 METHODS = ("identity", "svd", "svd-act", "quant", "svd+quant", "avg-rank")
 DEFAULT_RANKS = (1, 2, 4, 8)
@@ -71,7 +73,10 @@ class PredictedError:
 
 @dataclass
 class Variant:
-    """A whole-adapter variant: replacement factors for every module, its bytes and its predicted errors."""
+    """A whole-adapter variant: replacement factors for every module, its bytes and its predicted errors.
+
+    ``factors`` may be empty once the variant has been run block by block (``compare.variants_plan``): the
+    summaries (bytes, predicted, reference, ``ranks``) outlive the factors."""
 
     label: str
     method: str
@@ -83,10 +88,12 @@ class Variant:
     # ‖ΔW‖_F² and ‖ΔW X‖_F² (calibration) of the unmodified modules: the denominators of the relative errors.
     reference: dict[str, PredictedError]
     notes: list[str] = field(default_factory=list)
+    ranks: dict[str, int] = field(default_factory=dict)  # each module's rank, kept when the factors are dropped
 
     @property
     def mean_rank(self) -> float:
-        return sum(f.rank for f in self.factors.values()) / max(len(self.factors), 1)
+        ranks = self.ranks or {name: f.rank for name, f in self.factors.items()}
+        return sum(ranks.values()) / max(len(ranks), 1)
 
     def predicted_rel_error(self, space: str = "weight") -> float | None:
         """sqrt(Σ predicted error² / Σ reference energy) over all modules (as compare-quant aggregates layers);
@@ -122,7 +129,7 @@ class Variant:
 
 
 @dataclass
-class _Module:
+class ModuleBasis:
     """Everything about one module that several variants share, computed once (float64)."""
 
     name: str
@@ -152,6 +159,11 @@ class _Module:
     def output_energy(self) -> float | None:
         return None if self.quadratic is None else float((self.S.square() * self.quadratic).sum())
 
+    @property
+    def reference(self) -> PredictedError:
+        """‖ΔW‖_F² and ‖ΔW X‖_F²: the denominators of this module's relative errors."""
+        return PredictedError(self.weight_energy, self.output_energy)
+
     def tail(self, rank: int) -> PredictedError:
         """Truncation error of keeping the top ``rank`` singular triplets, in both spaces."""
         energy = self.S[rank:].square()
@@ -165,6 +177,33 @@ class _Module:
         new_scale = self.scale if self.scale > 0 and math.isfinite(self.scale) else 1.0
         root = torch.sqrt(self.S[:k] / new_scale)  # (k,)
         return ModuleFactors((self.U[:, :k] * root).float(), (root[:, None] * self.Vh[:k]).float(), new_scale)
+
+
+def checked_covariance(name: str, C: torch.Tensor | SpanCovariance | None, inputs: int) -> None:
+    """Refuse a covariance whose shape is not (in, in) for the module."""
+    if C is not None and tuple(C.shape) != (inputs, inputs):
+        raise ModuleMismatchError(f"module {name}: input covariance has shape {tuple(C.shape)}, "
+                                  f"expected {(inputs, inputs)}")
+
+
+@torch.no_grad()
+def decompose(adapter: Adapter, name: str, C: torch.Tensor | SpanCovariance | None = None, *,
+              spectrum_only: bool = False) -> ModuleBasis:
+    """The module's SVD (float64, from its factors) and, with C, its output-space quantities; checked: finite
+    factors, a C of the module's width. ``spectrum_only`` skips the output-space work (what a global plan needs:
+    S, shapes, scale)."""
+    B, A = adapter.factors(name, torch.float32)  # B: (out, r), A: (r, in)
+    if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
+        raise ModuleMismatchError(f"{adapter.path}: module {name}: LoRA factors contain NaN or Inf")
+    checked_covariance(name, C, int(A.shape[1]))
+    scale = adapter.modules[name].scale
+    svd = lowrank_svd(B, A, scale, dtype=torch.float64)
+    module = ModuleBasis(name, B, A, scale, svd.U, svd.S, svd.Vh)
+    if C is not None and not spectrum_only:
+        module.C = C if isinstance(C, SpanCovariance) else SpanCovariance(C, A)
+        module.quadratic = module.C.quadratic_rows(svd.Vh)  # (m,) v_iᵀ C v_i
+        module.eigen = activation_aware_factors(B, A, scale, module.C)
+    return module
 
 
 def uniform_noise_sq(factors: ModuleFactors, step_B: torch.Tensor, step_A: torch.Tensor,
@@ -191,7 +230,7 @@ def uniform_noise_sq(factors: ModuleFactors, step_B: torch.Tensor, step_A: torch
 
 
 def _quantized(factors: ModuleFactors, scheme: QuantScheme,
-               C: torch.Tensor | None) -> tuple[ModuleFactors, int, PredictedError]:
+               C: torch.Tensor | SpanCovariance | None) -> tuple[ModuleFactors, int, PredictedError]:
     """Round B and A with ``scheme``: dequantized factors, honest bytes, predicted noise in both spaces."""
     B_q, step_B = fake_quantize(factors.B.float(), scheme)  # (out, k)
     A_q, step_A = fake_quantize(factors.A.float(), scheme)  # (k, in)
@@ -206,145 +245,30 @@ def _add(a: PredictedError, b: PredictedError) -> PredictedError:
     return PredictedError(a.weight_sq + b.weight_sq, output)
 
 
-class VariantBuilder:
-    """Decomposes every module once (SVD, and the output eigenproblem where C is given), then builds variants."""
-
-    @torch.no_grad()
-    def __init__(self, adapter: Adapter, covariances: Mapping[str, torch.Tensor | SpanCovariance] | None = None,
-                 modules: Iterable[str] | None = None) -> None:
-        covariances = covariances or {}
-        names = list(adapter.modules) if modules is None else list(modules)
-        unknown = [n for n in names if n not in adapter.modules]
-        if unknown:
-            raise ModuleMismatchError(f"{adapter.path}: no module {unknown[0]!r} in the adapter")
-        if not names:
-            raise ModuleMismatchError(f"{adapter.path}: no modules to build variants from")
-        self.adapter = adapter
-        self.modules: dict[str, _Module] = {}
-        for name in names:
-            B, A = adapter.factors(name, torch.float32)  # B: (out, r), A: (r, in)
-            if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
-                raise ModuleMismatchError(f"{adapter.path}: module {name}: LoRA factors contain NaN or Inf")
-            scale = adapter.modules[name].scale
-            svd = lowrank_svd(B, A, scale, dtype=torch.float64)
-            module = _Module(name, B, A, scale, svd.U, svd.S, svd.Vh)
-            C = covariances.get(name)
-            if C is not None:
-                if tuple(C.shape) != (A.shape[1], A.shape[1]):
-                    raise ModuleMismatchError(f"module {name}: input covariance has shape {tuple(C.shape)}, "
-                                              f"expected {(A.shape[1], A.shape[1])}")
-                module.C = C if isinstance(C, SpanCovariance) else SpanCovariance(C, A)
-                module.quadratic = module.C.quadratic_rows(svd.Vh)  # (m,) v_iᵀ C v_i
-                module.eigen = activation_aware_factors(B, A, scale, module.C)
-            self.modules[name] = module
-        self.reference = {n: PredictedError(m.weight_energy, m.output_energy) for n, m in self.modules.items()}
-
-    @property
-    def has_covariances(self) -> bool:
-        return any(m.C is not None for m in self.modules.values())
-
-    def _variant(self, label: str, method: str, rank: int | None, scheme: str | None, size: int,
-                 factors: dict[str, ModuleFactors], predicted: dict[str, PredictedError],
-                 notes: list[str] | None = None) -> Variant:
-        return Variant(label, method, rank, scheme, size, factors, predicted, self.reference, notes or [])
-
-    @torch.no_grad()
-    def identity(self) -> Variant:
-        factors = {n: ModuleFactors(m.B, m.A, m.scale) for n, m in self.modules.items()}
-        size = sum(lowrank_bytes(m.shape, int(m.B.shape[1])) for m in self.modules.values())
-        zero = {n: PredictedError(0.0, None if m.C is None else 0.0) for n, m in self.modules.items()}
-        return self._variant("identity", "identity", self._stored_rank(), None, size, factors, zero)
-
-    def _stored_rank(self) -> int | None:
-        """The adapter's rank when every module has the same one (what identity and quant variants keep)."""
-        ranks = {int(m.B.shape[1]) for m in self.modules.values()}
-        return ranks.pop() if len(ranks) == 1 else None
-
-    @torch.no_grad()
-    def svd(self, rank: int) -> Variant:
-        factors = {n: m.truncated(rank) for n, m in self.modules.items()}
-        size = sum(lowrank_bytes(m.shape, min(rank, m.max_rank)) for m in self.modules.values())
-        predicted = {n: m.tail(rank) for n, m in self.modules.items()}
-        return self._variant(f"svd-r{rank}", "svd", rank, None, size, factors, predicted)
-
-    @torch.no_grad()
-    def svd_act(self, rank: int) -> Variant:
-        """Activation-aware rank k where C is known; modules without C fall back to plain SVD (noted)."""
-        factors, predicted, plain = {}, {}, []
-        for name, m in self.modules.items():
-            if m.eigen is None:
-                factors[name], predicted[name] = m.truncated(rank), m.tail(rank)
-                plain.append(name)
-                continue
-            U, values, T = m.eigen  # U: (out, q), T: (q, in), ΔŴ = U_k T_k
-            k = min(rank, values.numel())
-            factors[name] = ModuleFactors(U[:, :k].float(), T[:k].float(), 1.0)
-            weight = max(m.weight_energy - float(T[:k].square().sum()), 0.0)  # U has orthonormal columns
-            predicted[name] = PredictedError(weight, float(values[k:].clamp_min(0).sum()))
-        size = sum(lowrank_bytes(m.shape, min(rank, m.max_rank)) for m in self.modules.values())
-        notes = [f"{len(plain)} module(s) without calibration inputs truncated by plain SVD, e.g. {plain[0]}"] \
-            if plain else []
-        return self._variant(f"svd-act-r{rank}", "svd-act", rank, None, size, factors, predicted, notes)
-
-    @torch.no_grad()
-    def quant(self, scheme: QuantScheme) -> Variant:
-        factors, predicted, size = {}, {}, 0
-        for name, m in self.modules.items():
-            factors[name], nbytes, predicted[name] = _quantized(ModuleFactors(m.B, m.A, m.scale), scheme, m.C)
-            size += nbytes
-        return self._variant(scheme.name, "quant", self._stored_rank(), scheme.name, size, factors, predicted)
-
-    @torch.no_grad()
-    def mixed(self, rank: int, scheme: QuantScheme) -> Variant:
-        factors, predicted, size = {}, {}, 0
-        for name, m in self.modules.items():
-            factors[name], nbytes, noise = _quantized(m.truncated(rank), scheme, m.C)
-            predicted[name] = _add(m.tail(rank), noise)
-            size += nbytes
-        return self._variant(f"svd-r{rank}+{scheme.name}", "svd+quant", rank, scheme.name, size, factors,
-                             predicted)
-
-    @torch.no_grad()
-    def avg_rank(self, rank: int) -> Variant:
-        """The global budget of uniform rank ``rank`` (min(rank, module rank) each, as ``truncate --avg-rank``),
-        reallocated across modules for the most retained Σσ²; at most the bytes of ``svd-r{rank}``."""
-        modules = list(self.modules.values())
-        unit_costs = [m.shape[0] + m.shape[1] for m in modules]
-        budget = sum(min(rank, m.max_rank) * c for m, c in zip(modules, unit_costs, strict=True))
-        allocation = allocate_ranks([m.S.square() for m in modules], unit_costs, budget)
-        factors, predicted = {}, {}
-        for m, k in zip(modules, allocation.ranks, strict=True):
-            factors[m.name], predicted[m.name] = m.truncated(k), m.tail(k)
-        size = sum(lowrank_bytes(m.shape, k) for m, k in zip(modules, allocation.ranks, strict=True))
-        notes = [f"{allocation.method} allocation: ranks {min(allocation.ranks)}-{max(allocation.ranks)}, "
-                 f"{allocation.cost:,} of {budget:,} parameters"]
-        return self._variant(f"avg-rank-r{rank}", "avg-rank", rank, None, size, factors, predicted, notes)
-
-
 @torch.no_grad()
-def build_variants(adapter: Adapter, covariances: Mapping[str, torch.Tensor | SpanCovariance] | None = None, *,
-                   ranks: Sequence[int] = DEFAULT_RANKS, schemes: Sequence[str] = DEFAULT_SCHEMES,
-                   mixed_schemes: Sequence[str] = DEFAULT_MIXED_SCHEMES, avg_rank: bool = True,
-                   identity: bool = True, modules: Iterable[str] | None = None) -> list[Variant]:
-    """Every whole-adapter variant, identity first, then svd, svd-act (only with ``covariances``), quant,
-    svd+quant and avg-rank. ``modules`` restricts the variants to those adapter modules (default: all).
+def module_variant(m: ModuleBasis, method: str, rank: int | None = None,
+                   scheme: QuantScheme | None = None) -> tuple[ModuleFactors, int, PredictedError]:
+    """One family applied to one module: (factors, bytes, predicted error). ``rank`` is the module's own rank for
+    ``avg-rank`` (from the global allocation), the uniform k for the truncating families; ranks at or above the
+    module's keep it whole. ``svd-act`` falls back to plain SVD on a module without C."""
+    if method == "identity":
+        zero = PredictedError(0.0, None if m.C is None else 0.0)
+        return ModuleFactors(m.B, m.A, m.scale), lowrank_bytes(m.shape, int(m.B.shape[1])), zero
+    if method == "quant":
+        return _quantized(ModuleFactors(m.B, m.A, m.scale), scheme, m.C)
+    if rank is None:
+        raise ValueError(f"{method} variants need a rank")
+    size = lowrank_bytes(m.shape, min(rank, m.max_rank))
+    if method in ("svd", "avg-rank") or (method == "svd-act" and m.eigen is None):
+        return m.truncated(rank), size, m.tail(rank)
+    if method == "svd-act":
+        U, values, T = m.eigen  # U: (out, q), T: (q, in), ΔŴ = U_k T_k
+        k = min(rank, values.numel())
+        weight = max(m.weight_energy - float(T[:k].square().sum()), 0.0)  # U has orthonormal columns
+        return ModuleFactors(U[:, :k].float(), T[:k].float(), 1.0), size, \
+            PredictedError(weight, float(values[k:].clamp_min(0).sum()))
+    if method == "svd+quant":
+        factors, nbytes, noise = _quantized(m.truncated(rank), scheme, m.C)
+        return factors, nbytes, _add(m.tail(rank), noise)
+    raise ValueError(f"unknown variant method {method!r}; choose one of {', '.join(METHODS)}")
 
-    Ranks at or above a module's rank keep that module whole (its bytes and error are those of its full rank).
-    An avg-rank variant whose allocation is uniform duplicates ``svd-r{k}``; it is still listed (the report
-    shows the solver found nothing better).
-    """
-    if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
-        raise InvalidOptionError(f"ranks must be positive integers, got {list(ranks)}")
-    ranks = sorted(set(ranks))
-    quant_schemes = [get_scheme(s) for s in dict.fromkeys(schemes)]
-    mixed = [get_scheme(s) for s in dict.fromkeys(mixed_schemes)]
-    builder = VariantBuilder(adapter, covariances, modules)
-    variants = [builder.identity()] if identity else []
-    variants += [builder.svd(k) for k in ranks]
-    if builder.has_covariances:
-        variants += [builder.svd_act(k) for k in ranks]
-    variants += [builder.quant(s) for s in quant_schemes]
-    variants += [builder.mixed(k, s) for s in mixed for k in ranks]
-    if avg_rank:
-        variants += [builder.avg_rank(k) for k in ranks]
-    return variants

@@ -1,11 +1,12 @@
 """compare-quant's last stage: every whole-adapter variant judged by what the model finally outputs.
 
 After the per-layer comparison (``CompareJob.run``) the base model is still loaded and the layers' calibration
-covariances are known. This stage builds the whole-adapter variants (``compare.variants``: all modules truncated to
-rank k, plain and activation-aware; all quantized with each scheme; rank k then INT8/INT4 factors; the ``avg-rank``
-global budget), runs the held-out sequences through the full model once per variant (``compare.end_to_end``:
-hooks switched between variants, nothing reloaded), and adds the frontier and the recommendation
-(``compare.frontier``). The result is report.json's ``end_to_end`` section.
+covariances are known. This stage plans the whole-adapter variants (``compare.variants_plan`` over the families of
+``compare.variants``: all modules truncated to rank k, plain and activation-aware; all quantized with each scheme;
+rank k then INT8/INT4 factors; the ``avg-rank`` global budget), runs the held-out sequences through the full model
+once per variant (``compare.end_to_end``: hooks switched between variants, nothing reloaded; on a streamed base
+``compare.end_to_end_stream``, whose variants' factors exist one decoder block at a time), and adds the frontier
+and the recommendation (``compare.frontier``). The result is report.json's ``end_to_end`` section.
 
 The measure follows llama.cpp's ``llama-perplexity --kl-divergence``: KL divergence of the next-token distributions
 against the reference model, top-1 agreement and perplexity; here the reference is the unmodified adapter.
@@ -18,7 +19,7 @@ from typing import Any
 
 from lora_tools.compare.end_to_end import EndToEndModelError, detect_metric, evaluate_variants
 from lora_tools.compare.frontier import finalize
-from lora_tools.compare.variants import build_variants
+from lora_tools.compare.variants_plan import VariantPlan
 from lora_tools.errors import InvalidOptionError
 
 # Quantization schemes of the factors in the mixed variants (rank k, then quantized factors).
@@ -82,19 +83,19 @@ def run_end_to_end(job: Any, progress: Callable[[int], None] | None = None) -> d
     space of A: ``Layer.span``)."""
     names = [layer.name for layer in job.layers if layer.lora is not None]
     covariances = {layer.name: layer.span for layer in job.layers if layer.span is not None}
-    variants = build_variants(job.adapter, covariances, ranks=job.ranks, schemes=[s.name for s in job.schemes],
-                              mixed_schemes=MIXED_SCHEMES, avg_rank=True, identity=True, modules=names)
-    reference, others = variants[0], variants[1:]
+    plan = VariantPlan(job.adapter, covariances, names, ranks=job.ranks, schemes=[s.name for s in job.schemes],
+                       mixed_schemes=MIXED_SCHEMES, avg_rank=True, identity=True)
     sequences = evaluation_sequences(job)
     modules = {n: job.modules[n] for n in names}
-    if job.stream is not None:
+    if job.stream is not None:  # the factors built, run and dropped one decoder block at a time
         from lora_tools.compare.end_to_end_stream import evaluate_variants_streamed
 
         model_names = {layer.name: layer.model_name for layer in job.layers}
-        section = evaluate_variants_streamed(job.stream, modules, model_names, sequences, reference, others,
+        section = evaluate_variants_streamed(job.stream, modules, model_names, sequences, plan,
                                              pad_id=job.pad_id, batch_size=job.options.e2e_batch_size,
                                              device=job.device, progress=progress)
     else:
+        reference, *others = plan.build_all()
         section = evaluate_variants(job.model, modules, sequences, reference, others, pad_id=job.pad_id,
                                     batch_size=job.options.e2e_batch_size, device=job.device, progress=progress)
     section["evaluation"] = job.evaluation
