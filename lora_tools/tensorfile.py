@@ -195,6 +195,11 @@ class SafetensorsSource:
     def infos(self) -> dict[str, TensorInfo]:
         return self._infos
 
+    def byte_range(self, key: str) -> tuple[int, int]:
+        """(file offset, byte count) of a tensor's data: lets a writer copy stored bytes without decoding them."""
+        begin, end = self._offsets.get(key, (0, 0))
+        return self._data_start + begin, end - begin
+
     def get(self, key: str) -> Any:
         import torch
 

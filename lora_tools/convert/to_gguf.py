@@ -2,14 +2,15 @@
 
 Module names become the base's GGUF tensor names through gguf's own name map (kohya names are first resolved to
 module paths as for any conversion); q/k B rows are permuted for Llama-family bases; scales llama.cpp cannot hold
-are baked into B (formats/gguf_write.py). The file is written to a staging path, read back with our GGUF reader
-(which undoes the permutation and dequantizes) and compared module by module with the input: factors bit for bit
-where nothing was baked or cast, else the relative difference of the dense update scale·B·A against a bound set
-by the storage type (the rounding of one element of that type, with room for accumulation).
+are baked into B (formats/gguf_write.py). The file is written to a staging path and verified before it is moved into place:
+its tensor bytes are read back and compared as they are written, its header is parsed back, and every module
+whose factors changed on the way (rows reordered, a scale baked in, a cast, Q8_0) is decoded from the file and
+compared with the input (verify_gguf). gguf's own reader and llama.cpp read these files in the tests.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,66 +21,129 @@ import torch
 from lora_tools.adapter import Adapter
 from lora_tools.convert.run import canonical_names
 from lora_tools.convert.verify import VerificationError
-from lora_tools.formats import gguf_lora, gguf_write
+from lora_tools.formats import gguf_names, gguf_write
+from lora_tools.formats.gguf_data import same_bytes
 from lora_tools.linalg.products import relative_difference
 
 # Bound on the relative ΔW difference per stored type: exact float32 still moves by the rounding of a baked scale.
 TOLERANCE = {"F32": 1e-6, "F16": 2e-3, "BF16": 1.6e-2, "Q8_0": 1.6e-2}
 
 
+def check_header(path: Path, written: gguf_write.GGUFWritten) -> None:
+    """The written file's header, parsed back from the file (model/gguf_file.py, a reader written apart from the
+    writer), says what was meant: an adapter for the base, our alpha and names, and the tensor table and data
+    offsets the data was written at; the file ends where the last tensor does."""
+    from lora_tools.formats.gguf_layout import TYPE_IDS, padded
+    from lora_tools.model.gguf_file import read_gguf_info
+
+    info = read_gguf_info(path)
+    meta = info.metadata
+    expected = {"general.type": "adapter", "general.architecture": written.base.arch, "adapter.type": "lora",
+                gguf_names.KEY_MODULE_NAMES: json.dumps({t: n for n, t in written.names.items()})}
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            raise VerificationError(f"verification failed: the written header has {key} = "
+                                    f"{str(meta.get(key))[:80]!r}, expected {value[:80]!r}; nothing written")
+    if meta.get("adapter.lora.alpha") != written.alpha:
+        raise VerificationError(f"verification failed: the written adapter.lora.alpha is "
+                                f"{meta.get('adapter.lora.alpha')!r}, expected {written.alpha!r}; nothing written")
+    table = [(t.name, t.shape, t.type_id, t.offset) for t in info.tensors]
+    planned = [(j.entry.name, j.entry.gguf_shape, TYPE_IDS[j.entry.ggml_type], j.entry.offset) for j in written.jobs]
+    if table != planned or info.data_offset != written.data_offset:
+        wrong = next((f"{p[0]}: {list(t)} in the file, {list(p)} planned" for t, p in zip(table, planned,
+                                                                                          strict=False) if t != p),
+                     f"{len(table)} tensors in the file, {len(planned)} planned; data at {info.data_offset}, "
+                     f"planned {written.data_offset}")
+        raise VerificationError(f"verification failed: the written tensor table differs ({wrong}); nothing written")
+    last = written.jobs[-1].entry if written.jobs else None
+    end = written.data_offset + (last.offset + padded(last.nbytes) if last else 0)
+    if path.stat().st_size != end or written.size != end:
+        raise VerificationError(f"verification failed: the written file has {path.stat().st_size} bytes, the "
+                                f"layout {end}; nothing written")
+
+
+def decode(raw: Any, entry: Any) -> torch.Tensor:
+    """A tensor's bytes as values in its row-major shape (Q8_0 dequantized with gguf's own kernel)."""
+    if entry.ggml_type == "Q8_0":
+        import gguf
+
+        return torch.from_numpy(gguf.quants.dequantize(raw.reshape(entry.shape[0], -1),
+                                                       gguf.GGMLQuantizationType.Q8_0)).reshape(entry.shape)
+    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[entry.ggml_type]
+    return torch.from_numpy(raw.copy()).view(dtype).reshape(entry.shape)
+
+
+class TensorChecks:
+    """Each tensor that is not a stored copy, checked as soon as it is written (gguf_write's ``check``): its bytes
+    read back from the file are decoded and put back in the adapter's layout (q/k rows in transformers' order,
+    token_embd's lora_a transposed back). Equal to the input's factor: exact. Otherwise (a scale baked in, a
+    cast, Q8_0) the decoded factor is kept for the module's ΔW comparison."""
+
+    def __init__(self) -> None:
+        self.exact: set[tuple[str, str]] = set()
+        self.decoded: dict[tuple[str, str], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, job: Any, factor: torch.Tensor, back: Any) -> None:
+        value = decode(back, job.entry)
+        if job.heads:
+            value = gguf_names.permute_rows(value, job.heads, inverse=True)
+        elif job.transposed:
+            value = value.T
+        if value.shape != factor.shape:
+            raise VerificationError(f"verification failed: {job.entry.name} reads back as {list(value.shape)}, "
+                                    f"the factor is {list(factor.shape)}; nothing written")
+        if value.dtype == factor.dtype:
+            exact = same_bytes(value.contiguous().view(torch.uint8).numpy().reshape(-1),
+                               factor.contiguous().view(torch.uint8).numpy().reshape(-1))
+        else:  # cast on writing (e.g. fp16 stored as F32): exact when the values are the same
+            exact = torch.equal(value.to(torch.float64), factor.to(torch.float64))
+        if exact:
+            self.exact.add((job.module, job.role))
+        else:
+            self.decoded[(job.module, job.role)] = value.contiguous()
+
+
 @torch.no_grad()
-def verify_gguf(original: Adapter, written: Adapter, names: dict[str, str],
-                kept: dict[str, tuple[Any, Any]] | None = None) -> dict[str, Any]:
-    """Compare every module of ``written`` (read back) with ``original``; raise VerificationError on any loss."""
+def verify_gguf(original: Adapter, path: Path, written: gguf_write.GGUFWritten,
+                tensors: TensorChecks) -> dict[str, Any]:
+    """Check the written file against ``original``; raise VerificationError on any loss.
+
+    Every tensor's bytes were read back and compared as they were written (formats/gguf_data.py), the changed
+    ones decoded on the way (TensorChecks), and the header is parsed back here (check_header). A module is
+    bit-exact when both factors are stored copies or decoded equal to the input's, and the scale llama.cpp
+    applies (alpha / r, r = lora_b's first GGUF dimension) equals ours; otherwise the relative difference of
+    scale·B·A against the input's must stay under a bound set by the storage type (the rounding of one element
+    of that type, with room for accumulation).
+    """
+    check_header(path, written)
+    jobs: dict[str, dict[str, Any]] = {}
+    for job in written.jobs:
+        jobs.setdefault(job.module, {})[job.role] = job
     bit_exact = 0
     worst, worst_module = 0.0, None
-    if len(written.modules) != len(names):
-        raise VerificationError(f"verification failed: {len(written.modules)} module(s) read back, "
-                                f"{len(names)} written")
-    for name in names:
-        if name not in written.modules:
-            raise VerificationError(f"verification failed: module {name} is missing from the output")
-        module, out = original.modules[name], written.modules[name]
-        if out.kind != module.kind:
-            raise VerificationError(f"verification failed: module {name} is {module.kind} in the input but "
-                                    f"{out.kind} in the output")
-        if out.scale == module.scale and _same_factors(original, written, name, (kept or {}).get(name)):
+    for name, target in written.names.items():
+        module, pair = original.modules[name], jobs[name]
+        rank = pair["lora_b"].entry.shape[1]
+        scale = written.alpha / rank if written.alpha else 1.0  # llama.cpp's rule, as our reader applies it
+        same = {role: job.copy is not None or (name, role) in tensors.exact for role, job in pair.items()}
+        if scale == module.scale and all(same.values()):
             bit_exact += 1
             continue
         B, A = original.factors(name, torch.float64)
-        B2, A2 = written.factors(name, torch.float64)
-        diff = relative_difference(out.scale * B2, A2, module.scale * B, A)
-        stored = {written.source.stored_type(out.a_info.key), written.source.stored_type(out.b_info.key)}
+        B2, A2 = (tensors.decoded.pop((name, role), None) for role in ("lora_b", "lora_a"))
+        B2 = B if B2 is None else B2.to(torch.float64)  # a factor that is not decoded was written exactly
+        A2 = A if A2 is None else A2.to(torch.float64)
+        diff = relative_difference(scale * B2, A2, module.scale * B, A)
+        stored = {pair[role].entry.ggml_type for role in pair}
         bound = max(TOLERANCE.get(t, TOLERANCE["Q8_0"]) for t in stored)
         if not diff <= bound:
-            raise VerificationError(f"verification failed: module {name} ({names[name]}): the rebuilt ΔW differs "
+            raise VerificationError(f"verification failed: module {name} ({target}): the rebuilt ΔW differs "
                                     f"from the input by {diff:.3g} (relative, bound {bound:g} for "
                                     f"{'/'.join(sorted(stored))}); nothing written")
         if diff > worst:
             worst, worst_module = diff, name
     return {"bit_exact_modules": bit_exact, "max_rel_difference": worst, "worst_module": worst_module}
-
-
-def _same_factors(original: Adapter, written: Adapter, name: str, kept: tuple[Any, Any] | None) -> bool:
-    """Factors read back equal to the input's as stored (``kept``: (B, A) already read from it)."""
-    module, out = original.modules[name], written.modules[name]
-    if module.update is not None:
-        return False
-    if kept is None:
-        kept = tuple(original.source.get(info.key) for info in (module.b_info, module.a_info))  # type: ignore[assignment]
-    for stored, info in zip(kept, (out.b_info, out.a_info), strict=True):  # type: ignore[arg-type]
-        if not _same_bytes(stored.reshape(stored.shape[0], -1), written.source.get(info.key)):
-            return False
-    return True
-
-
-def _same_bytes(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Same values: a byte compare for the same dtype (several times faster than torch.equal on fp16)."""
-    if x.shape != y.shape:
-        return False
-    if x.dtype != y.dtype:  # cast on writing (e.g. fp16 stored as F32): exact when the values are the same
-        return torch.equal(x.to(torch.float64), y.to(torch.float64))
-    return x.contiguous().view(torch.uint8).numpy().tobytes() == y.contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def convert_to_gguf(source: Path, output: Path, *, base: Path | str | None = None, dtype: str | None = None,
@@ -103,11 +167,10 @@ def convert_to_gguf(source: Path, output: Path, *, base: Path | str | None = Non
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".convert", dir=output.parent))
     try:
         staged = staging / output.name
+        tensors = TensorChecks()
         written = gguf_write.write_gguf(adapter, staged, base=gguf_base, dtype=dtype, names=names, kinds=kinds,
-                                       allow_nonfinite=allow_nonfinite, keep_factors=True)
-        readback = gguf_lora.read(staged)
-        checks = verify_gguf(adapter, readback, names, written.factors)
-        written.factors.clear()
+                                       allow_nonfinite=allow_nonfinite, check=tensors)
+        checks = verify_gguf(adapter, staged, written, tensors)
         move_into_place(staged, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -126,5 +189,5 @@ def convert_to_gguf(source: Path, output: Path, *, base: Path | str | None = Non
         "gguf": {"architecture": gguf_base.arch, "alpha": written.alpha, "types": dict(written.types),
                  "baked_modules": len(written.baked), "permuted_modules": len(written.permuted),
                  "q8_0_fallbacks": written.fallbacks},
-        "warnings": warnings + list(readback.warnings),
+        "warnings": warnings,
     }

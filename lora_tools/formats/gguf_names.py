@@ -136,6 +136,50 @@ def name_map(base: GGUFBase) -> Any:
     return gguf.get_tensor_name_map(model_arch(base.arch, base.source), base.n_blocks)
 
 
+class BlockNameMap:
+    """gguf's TensorNameMap answers without its per-block table: ``get_tensor_name_map`` formats every name of
+    every block (a 32-block Llama: about 10,000 names, 10-15 ms, more than converting an adapter's tensors).
+    Here each block template is kept once, split at its ``{bid}``; a name is looked up by trying each number in
+    it as the block index. Built from the same tables in the same order (TensorNameMap(arch, 0) applies the
+    architecture's overrides), so every name maps as gguf's own map would (tests/test_gguf_lora.py checks all
+    of them for several architectures)."""
+
+    def __init__(self, arch: Any, n_blocks: int):
+        import gguf
+
+        plain = gguf.TensorNameMap(arch, 0)  # the non-block names, and the arch's block overrides applied
+        self.n_blocks = n_blocks
+        self.plain = plain.mapping
+        self.blocks: dict[tuple[str, str], tuple[Any, str]] = {}
+        self.odd: dict[str, tuple[Any, str]] = {}  # templates with no or several {bid}: formatted per block
+        for tensor, keys in plain.block_mappings_cfg.items():
+            if tensor not in gguf.MODEL_TENSORS[arch]:
+                continue
+            template = gguf.TENSOR_NAMES[tensor]
+            for key in (template, *keys):
+                if key.count("{bid}") == 1:
+                    prefix, suffix = key.split("{bid}")
+                    self.blocks[(prefix, suffix)] = (tensor, template)
+                else:
+                    for bid in range(n_blocks):
+                        self.odd[key.format(bid=bid)] = (tensor, template.format(bid=bid))
+
+    def get_type_and_name(self, key: str) -> tuple[Any, str] | None:
+        import re
+
+        for number in re.finditer(r"\d+", key):
+            found = self.blocks.get((key[:number.start()], key[number.end():]))
+            bid = int(number.group())
+            if found is not None and bid < self.n_blocks and str(bid) == number.group():
+                return found[0], found[1].format(bid=bid)
+        return self.odd.get(key) or self.plain.get(key)
+
+
+def block_name_map(base: GGUFBase) -> BlockNameMap:
+    """The name map of the base's architecture and block count, for looking names up (see BlockNameMap)."""
+    return BlockNameMap(model_arch(base.arch, base.source), base.n_blocks)
+
+
 def gguf_tensor_name(tensor_map: Any, module: str) -> tuple[str, str] | None:
     """(GGUF base tensor name with ``.weight``, tensor kind: attn_q/attn_k/...) of a transformers module, or None.
 

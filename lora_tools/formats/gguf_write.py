@@ -9,12 +9,18 @@ other than linear / token embedding are refused.
 Storage: ``dtype`` None keeps each factor's float type (F64 as F32); fp32 / fp16 / bf16 cast; q8_0 quantizes
 with gguf's own Q8_0 kernel where a row (GGUF's first dimension: ``in`` for lora_a, ``r`` for lora_b) is a
 multiple of 32, and writes the other tensors as F16 (listed in ``GGUFWritten.fallbacks``).
+
+The file is laid out by formats/gguf_layout.py; factors that go in unchanged are copied from the input file in
+large runs, the others encoded one tensor at a time (formats/gguf_data.py), in the input's own tensor order.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +28,8 @@ from typing import Any
 from lora_tools.adapter import Adapter
 from lora_tools.errors import BaseModelError, InvalidOptionError, ModuleMismatchError, UnsupportedAdapterError
 from lora_tools.formats import gguf_names
+from lora_tools.formats.gguf_data import TensorJob, write_tensors
+from lora_tools.formats.gguf_layout import FLOAT32, STRING, UINT32, TensorEntry, header_bytes, lay_out
 from lora_tools.formats.gguf_names import GGUFBase
 
 # --dtype spellings -> ggml type names (our usual ones plus llama.cpp's).
@@ -43,8 +51,9 @@ class GGUFWritten:
     permuted: list[str] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)  # q8_0 tensors written as F16
     types: Counter[str] = field(default_factory=Counter)
-    # module -> (B, A) as the input stores them (2-D), kept for the verification when asked (keep_factors)
-    factors: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    jobs: list[TensorJob] = field(default_factory=list)  # every tensor, in file order, with its entry
+    data_offset: int = 0  # where the data section starts
+    size: int = 0  # bytes in the file
 
 
 def parse_dtype(dtype: str | None) -> str | None:
@@ -78,7 +87,7 @@ def map_names(adapter: Adapter, base: GGUFBase, module_paths: dict[str, str], *,
               allow_partial: bool = False) -> tuple[dict[str, str], dict[str, str], list[str]]:
     """(module -> GGUF tensor name, module -> tensor kind, warnings); unmapped modules refused unless
     ``allow_partial`` (then dropped and listed)."""
-    tensor_map = gguf_names.name_map(base)
+    tensor_map = gguf_names.block_name_map(base)
     names: dict[str, str] = {}
     kinds: dict[str, str] = {}
     unmapped: list[str] = []
@@ -130,42 +139,53 @@ def _check_module(adapter: Adapter, name: str) -> None:
                                       "covers linear layers and the token embedding")
 
 
-def _factors(adapter: Adapter, name: str) -> tuple[Any, Any, str]:
-    """(B (out, r), A (r, in), stored ggml type) as the file holds them (exact factors for LyCORIS updates)."""
+def _stored_type(adapter: Adapter, name: str) -> str:
+    """The ggml type a factor keeps when no --dtype is given: its own float type (F64 as F32; F32 for both when
+    A and B differ)."""
     module = adapter.modules[name]
     if module.update is not None:
-        B, A = adapter.factors(name)
-        return B, A, "F32"
-    a = adapter.source.get(module.a_info.key)
-    b = adapter.source.get(module.b_info.key)
-    if not (a.is_floating_point() and b.is_floating_point()):
+        return "F32"
+    a, b = module.a_info.dtype, module.b_info.dtype
+    return _STORED.get(a if a == b else "F32", "F32")
+
+
+def _factor(adapter: Adapter, name: str, role: str, exact: dict[str, tuple[Any, Any]]) -> Any:
+    """B (out, r) for lora_b, A (r, in) for lora_a, as the file stores it (exact factors for LyCORIS updates)."""
+    if name in exact:
+        return exact[name][0 if role == "lora_b" else 1]
+    module = adapter.modules[name]
+    tensor = adapter.source.get((module.b_info if role == "lora_b" else module.a_info).key)
+    if not tensor.is_floating_point():
         raise ModuleMismatchError(f"{adapter.path}: module {name}: LoRA factors must be floating point")
-    stored = _STORED.get(module.a_info.dtype if module.a_info.dtype == module.b_info.dtype else "F32", "F32")
-    return b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1), stored
+    return tensor.reshape(tensor.shape[0], -1)
 
 
-def _encode(tensor: Any, ggml_type: str) -> tuple[Any, Any]:
-    """(numpy array, raw ggml type or None) as GGUFWriter.add_tensor takes them; numpy shape = row-major shape."""
+def _shape_2d(shape: tuple[int, ...]) -> tuple[int, int]:
+    return shape[0], math.prod(shape[1:])
+
+
+def _encode(tensor: Any, ggml_type: str) -> Any:
+    """The bytes (flat uint8 array) of ``tensor`` stored as ``ggml_type``."""
     import gguf
     import torch
 
-    if ggml_type == "F32":
-        return tensor.to(torch.float32).contiguous().numpy(), None
-    if ggml_type == "F16":
-        return tensor.to(torch.float16).contiguous().numpy(), None
-    if ggml_type == "BF16":
-        return tensor.to(torch.bfloat16).contiguous().view(torch.uint8).numpy(), gguf.GGMLQuantizationType.BF16
-    quantized = gguf.quants.quantize(tensor.to(torch.float32).contiguous().numpy(), gguf.GGMLQuantizationType.Q8_0)
-    return quantized, gguf.GGMLQuantizationType.Q8_0
+    if ggml_type == "Q8_0":
+        array = gguf.quants.quantize(tensor.to(torch.float32).contiguous().numpy(), gguf.GGMLQuantizationType.Q8_0)
+        return array.reshape(-1)
+    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[ggml_type]
+    return tensor.to(dtype).contiguous().view(torch.uint8).numpy().reshape(-1)
 
 
 def write_gguf(adapter: Adapter, path: Path, *, force: bool = False, base: GGUFBase | None = None,
                dtype: str | None = None, names: dict[str, str] | None = None,
                kinds: dict[str, str] | None = None, source_format: str | None = None,
-               allow_nonfinite: bool = False, keep_factors: bool = False) -> GGUFWritten:
+               allow_nonfinite: bool = False,
+               check: Callable[[TensorJob, Any, Any], None] | None = None) -> GGUFWritten:
     """Write ``adapter`` (modules ``names`` maps, default all) as a GGUF LoRA at ``path``, atomically; NaN/Inf
-    factors are refused unless ``allow_nonfinite`` (a GGUF copy would spread a broken adapter)."""
-    import gguf
+    factors are refused unless ``allow_nonfinite`` (a GGUF copy would spread a broken adapter). Every byte of
+    tensor data is read back and compared as it is written (formats/gguf_data.py); ``check(job, factor, bytes)``
+    sees each tensor that is not a stored copy once written: the factor it was made from (B (out, r) or A (r, in)
+    as the input stores it) and its bytes read back from the file."""
     import torch
 
     from lora_tools.atomic import atomic_path
@@ -180,59 +200,97 @@ def write_gguf(adapter: Adapter, path: Path, *, force: bool = False, base: GGUFB
     products = {n: adapter.modules[n].scale * adapter.modules[n].rank for n in names}
     alpha = choose_alpha(list(products.values()))
     written = GGUFWritten(path, base, alpha, dict(names))
+    exact = {n: adapter.factors(n) for n in names if adapter.modules[n].update is not None}
+    byte_range = getattr(adapter.source, "byte_range", None)
+    specs: list[tuple[float, int, TensorJob]] = []
+    for index, (name, target) in enumerate(names.items()):
+        module = adapter.modules[name]
+        shape_b, shape_a = ((tuple(exact[name][0].shape), tuple(exact[name][1].shape)) if name in exact
+                            else (_shape_2d(module.b_info.shape), _shape_2d(module.a_info.shape)))
+        _check_shape(adapter, base, name, target, module.kind, shape_b, shape_a)
+        if float(torch.tensor(products[name], dtype=torch.float32)) != alpha:
+            written.baked[name] = products[name] / alpha
+        heads = gguf_names.heads_for(kinds.get(name, ""), base)
+        if heads is None and base.permuted and kinds.get(name) in ("attn_q", "attn_k"):
+            # A GGUF read without head counts kept llama.cpp's row order: its rows go back as they are.
+            if adapter.format != "gguf":
+                raise BaseModelError(f"{base.source}: no attention head count, needed to lay out {name}'s rows "
+                                     "in llama.cpp's rotary order; pass a --base that has it")
+        elif heads:
+            if shape_b[0] % (2 * heads):
+                raise BaseModelError(f"{base.source}: cannot lay out {name} for llama.cpp: {shape_b[0]} rows "
+                                     f"do not split into {heads} heads of rotary pairs")
+            written.permuted.append(name)
+        stored = _stored_type(adapter, name)
+        embedding = module.kind == "embedding"
+        for role, shape, info, changed in (
+                ("lora_a", shape_a[::-1] if embedding else shape_a, module.a_info, embedding),  # token_embd: A.T
+                ("lora_b", shape_b, module.b_info, name in written.baked or bool(heads))):
+            ggml_type = ggml_dtype or stored
+            if ggml_type == "Q8_0" and shape[-1] % Q8_BLOCK:
+                ggml_type = "F16"
+                written.fallbacks.append(f"{target}.{role}")
+            written.types[ggml_type] += 1
+            job = TensorJob(TensorEntry(f"{target}.{role}", tuple(shape), ggml_type, 0), name, role, None,
+                            info.dtype, heads=(heads or 0) if role == "lora_b" else 0,
+                            transposed=embedding and role == "lora_a")
+            where = byte_range(info.key) if byte_range is not None and name not in exact else None
+            if where is not None and not changed and info.dtype == ggml_type:
+                job.copy = where
+            specs.append((where[0] if where is not None else math.inf, index, job))
+    if all(math.isfinite(spec[0]) for spec in specs):
+        specs.sort()  # the input's own order, so that unchanged tensors are copied in long contiguous runs
+    entries = lay_out([(j.entry.name, j.entry.shape, j.entry.ggml_type) for _, _, j in specs])
+    jobs = []
+    for entry, (_, _, job) in zip(entries, specs, strict=True):
+        job.entry = entry
+        jobs.append(job)
+    header = header_bytes(_metadata(adapter, base, alpha, names, source_format), entries)
+
+    def encode(job: TensorJob) -> tuple[Any, Any]:
+        factor = tensor = _factor(adapter, job.module, job.role, exact)
+        if not allow_nonfinite and not all_finite(tensor):
+            raise ModuleMismatchError(f"{adapter.path}: module {job.module}: LoRA factors contain NaN or Inf; "
+                                      "refusing to convert (pass --allow-nonfinite to copy them unchanged)")
+        if job.role == "lora_b":
+            if job.module in written.baked:
+                tensor = tensor.to(torch.float64) * written.baked[job.module]
+            if job.heads:
+                tensor = gguf_names.permute_rows(tensor, job.heads)
+        elif job.transposed:
+            tensor = tensor.T
+        return _encode(tensor, job.entry.ggml_type), factor
+
     with atomic_path(path, force) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), base.arch)
-        writer.add_type(gguf.GGUFType.ADAPTER)
-        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-        # Head counts let a reader undo the q/k permutation; llama.cpp ignores these keys in an adapter.
-        writer.add_uint32(f"{base.arch}.block_count", base.n_blocks)
-        if base.n_head:
-            writer.add_uint32(f"{base.arch}.attention.head_count", base.n_head)
-            writer.add_uint32(f"{base.arch}.attention.head_count_kv", base.n_head_kv or base.n_head)
-        writer.add_string(gguf_names.KEY_MODULE_NAMES, json.dumps({t: n for n, t in names.items()}))
-        if adapter.base_model or base.name:
-            writer.add_string(gguf_names.KEY_BASE_MODEL, str(adapter.base_model or base.name))
-        writer.add_string(gguf_names.KEY_SOURCE_FORMAT, source_format or adapter.format)
-        for name, target in names.items():
-            module = adapter.modules[name]
-            B, A, stored = _factors(adapter, name)
-            if keep_factors:
-                written.factors[name] = (B, A)
-            if not allow_nonfinite and not (all_finite(B) and all_finite(A)):
-                raise ModuleMismatchError(f"{adapter.path}: module {name}: LoRA factors contain NaN or Inf; refusing "
-                                          "to convert (pass --allow-nonfinite to copy them unchanged)")
-            _check_shape(adapter, base, name, target, module.kind, B, A)
-            wanted = products[name] / alpha
-            if float(torch.tensor(products[name], dtype=torch.float32)) != alpha:
-                B = (B.to(torch.float64) * wanted)
-                written.baked[name] = wanted
-            heads = gguf_names.heads_for(kinds.get(name, ""), base)
-            if heads is None and base.permuted and kinds.get(name) in ("attn_q", "attn_k"):
-                # A GGUF read without head counts kept llama.cpp's row order: its rows go back as they are.
-                if adapter.format != "gguf":
-                    raise BaseModelError(f"{base.source}: no attention head count, needed to lay out {name}'s rows "
-                                         "in llama.cpp's rotary order; pass a --base that has it")
-            elif heads:
-                if B.shape[0] % (2 * heads):
-                    raise BaseModelError(f"{base.source}: cannot lay out {name} for llama.cpp: {B.shape[0]} rows "
-                                         f"do not split into {heads} heads of rotary pairs")
-                B = gguf_names.permute_rows(B, heads)
-                written.permuted.append(name)
-            lora_a = A.T if module.kind == "embedding" else A  # token_embd: lora_a holds A transposed
-            for tensor, suffix in ((lora_a, ".lora_a"), (B, ".lora_b")):
-                ggml_type = ggml_dtype or stored
-                if ggml_type == "Q8_0" and tensor.shape[-1] % Q8_BLOCK:
-                    ggml_type = "F16"
-                    written.fallbacks.append(f"{target}{suffix}")
-                array, raw = _encode(tensor, ggml_type)
-                writer.add_tensor(f"{target}{suffix}", array, raw_dtype=raw)
-                written.types[ggml_type] += 1
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        fd = os.open(tmp, os.O_RDWR)  # no O_TRUNC: ext4 would then flush the whole file on close
+        try:
+            view, done = memoryview(header), 0
+            while done < len(header):
+                done += os.write(fd, view[done:])
+            written.size = write_tensors(fd, len(header), tmp, jobs, getattr(adapter.source, "path", None), encode,
+                                         not allow_nonfinite, adapter.path, check)
+        finally:
+            os.close(fd)
+    written.data_offset, written.jobs = len(header), jobs
     return written
+
+
+def _metadata(adapter: Adapter, base: GGUFBase, alpha: float, names: dict[str, str],
+              source_format: str | None) -> list[tuple[str, int, Any]]:
+    """The header's key/value pairs, in the order gguf's GGUFWriter wrote them for loratools before."""
+    metadata: list[tuple[str, int, Any]] = [
+        ("general.architecture", STRING, base.arch), ("general.type", STRING, "adapter"),
+        ("adapter.type", STRING, "lora"), ("adapter.lora.alpha", FLOAT32, alpha),
+        # Head counts let a reader undo the q/k permutation; llama.cpp ignores these keys in an adapter.
+        (f"{base.arch}.block_count", UINT32, base.n_blocks)]
+    if base.n_head:
+        metadata += [(f"{base.arch}.attention.head_count", UINT32, base.n_head),
+                     (f"{base.arch}.attention.head_count_kv", UINT32, base.n_head_kv or base.n_head)]
+    metadata.append((gguf_names.KEY_MODULE_NAMES, STRING, json.dumps({t: n for n, t in names.items()})))
+    if adapter.base_model or base.name:
+        metadata.append((gguf_names.KEY_BASE_MODEL, STRING, str(adapter.base_model or base.name)))
+    metadata.append((gguf_names.KEY_SOURCE_FORMAT, STRING, source_format or adapter.format))
+    return metadata
 
 
 def all_finite(tensor: Any) -> bool:
@@ -243,12 +301,14 @@ def all_finite(tensor: Any) -> bool:
     return bool(torch.isfinite(tensor.sum(dtype=torch.float64)))
 
 
-def _check_shape(adapter: Adapter, base: GGUFBase, name: str, target: str, kind: str, B: Any, A: Any) -> None:
-    """The base tensor's GGUF shape is [in, out] for a linear layer and [dim, vocab] for token_embd."""
+def _check_shape(adapter: Adapter, base: GGUFBase, name: str, target: str, kind: str, shape_b: tuple[int, ...],
+                 shape_a: tuple[int, ...]) -> None:
+    """The base tensor's GGUF shape is [in, out] for a linear layer and [dim, vocab] for token_embd; shapes are
+    B's (out, r) and A's (r, in)."""
     if base.tensor_shapes is None:
         return
     expected = tuple(base.tensor_shapes[target])
-    got = (B.shape[0], A.shape[1]) if kind == "embedding" else (A.shape[1], B.shape[0])
+    got = (shape_b[0], shape_a[1]) if kind == "embedding" else (shape_a[1], shape_b[0])
     if expected != got:
         raise ModuleMismatchError(f"{adapter.path}: module {name}: update is {list(got)} in GGUF order but "
                                   f"{target} of {base.source} is {list(expected)}; wrong base model?")

@@ -33,6 +33,7 @@ class GGUFTensor:
     name: str
     shape: tuple[int, ...]  # GGUF order: fastest-varying dimension first
     type_id: int
+    offset: int = 0  # of its data, from the start of the data section
 
 
 @dataclass
@@ -44,6 +45,7 @@ class GGUFInfo:
     metadata: dict[str, Any] = field(default_factory=dict)
     array_lengths: dict[str, int] = field(default_factory=dict)
     tensors: list[GGUFTensor] = field(default_factory=list)
+    data_offset: int = 0  # where the data section starts: the header's end padded to general.alignment
 
     @property
     def architecture(self) -> str | None:
@@ -158,8 +160,10 @@ def _parse(buffer: Any, path: Path) -> GGUFInfo:
             raise BaseModelError(f"{path}: corrupt GGUF tensor table ({name}: {n_dims} dimensions)")
         shape = tuple(cursor.unpack("<Q") for _ in range(n_dims))
         type_id = cursor.unpack("<I")
-        cursor.unpack("<Q")  # data offset: not needed to describe the file
-        info.tensors.append(GGUFTensor(name, shape, type_id))
+        info.tensors.append(GGUFTensor(name, shape, type_id, cursor.unpack("<Q")))
+    alignment = info.metadata.get("general.alignment", 32)
+    alignment = alignment if isinstance(alignment, int) and alignment > 0 else 32
+    info.data_offset = -(-cursor.offset // alignment) * alignment
     return info
 
 
