@@ -65,7 +65,7 @@ def test_smollm2_gguf_report_streamed_equals_whole() -> None:
         for name in list(adapter.modules):
             if name not in modules:
                 del adapter.modules[name]
-        options = CompareOptions(max_tokens=1300, holdout=0.5, ranks=(1, 4), schemes=("int8-channel", "int4-g128"),
+        options = CompareOptions(max_tokens=1300, holdout=0.5, ranks=(4,), schemes=("int8-channel", "int4-g128"),
                                  device="cpu", offload=offload, e2e_tokens=48)
         reports[offload] = prepare_compare(adapter, GGUF, options).run()
     whole, streamed = reports["never"], reports["always"]
