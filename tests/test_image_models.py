@@ -314,6 +314,25 @@ def test_sdxl_diffusers_to_kohya_writes_sgm_names_diffusers_reads_back(tmp_path:
     assert_same_updates(tmp_path / "diffusers.safetensors", sdxl_oracle(load_file(str(back)), tmp_path))
 
 
+@pytest.mark.parametrize("command", ["truncate", "merge"])
+def test_sdxl_truncate_and_merge_to_kohya_write_convert_names(tmp_path: Path, command: str) -> None:
+    """truncate/merge --to kohya of a diffusers SDXL file write convert's sgm names (lora_unet_input_blocks_*,
+    lora_te1_/lora_te2_), not the flattened diffusers paths (lora_unet_down_blocks_*, which kohya loaders skip),
+    and diffusers' own converter reads every layer back (full-rank truncate and a 0.5/0.5 merge keep each ΔW)."""
+    from tests.helpers import run_cli
+
+    source = sdxl_kohya(tmp_path / "sdxl.safetensors")
+    diffusers_file = tmp_path / "diffusers.safetensors"
+    convert(source, diffusers_file, "diffusers")
+    out = tmp_path / f"{command}.safetensors"
+    inputs = ["--rank", "4"] if command == "truncate" else [str(diffusers_file), "--weights", "0.5,0.5"]
+    result = run_cli(command, str(diffusers_file), *inputs, "-o", str(out), "--to", "kohya")
+    assert result.exit_code == 0, result.output
+    written = {k for k in load_file(str(out)) if k.endswith(".lora_down.weight")}
+    assert written == {k for k in load_file(str(source)) if k.endswith(".lora_down.weight")}
+    assert_same_updates(diffusers_file, sdxl_oracle(load_file(str(out)), tmp_path))
+
+
 # --- Wan 2.x ---------------------------------------------------------------------------------------------------
 
 WAN_LAYERS = [*(f"self_attn.{o}" for o in "qkvo"), *(f"cross_attn.{o}" for o in "qkvo"), "cross_attn.k_img",

@@ -2,10 +2,11 @@
 an optional scalar ``.alpha`` (missing alpha means alpha = rank, i.e. scale 1), optional ``.dora_scale``, and
 ``ss_*`` training metadata. Module names are flattened (dots became underscores) and kept as they are.
 
-Writing another format's adapter names each module ``lora_<component>_<flattened path>`` through the canonical
-names of ``convert`` (``names.kohya_names``): ``lora_unet_`` for the UNet whatever the input's naming, since
-kohya's loaders (sd-scripts, ComfyUI, A1111) apply nothing else, and records the original names in the metadata
-so that ``convert`` reads the file back without a base model.
+Writing another format's adapter names each module ``lora_<component>_<flattened path>`` exactly as ``convert``
+does (``convert.run.foreign_names`` for PEFT/diffusers/GGUF input: image-model renames included, e.g. SDXL's
+diffusers ``down_blocks.*`` become sgm ``input_blocks_*``; ``names.kohya_names`` otherwise): ``lora_unet_`` for
+the UNet whatever the input's naming, since kohya's loaders (sd-scripts, ComfyUI, A1111) apply nothing else, and
+records the original names in the metadata so that ``convert`` reads the file back without a base model.
 """
 
 from __future__ import annotations
@@ -123,10 +124,17 @@ def write(adapter: Adapter, path: Path, *, force: bool = False) -> Path:
     tensors: dict[str, Any] = {}
     ranks: set[int] = set()
     alphas: set[float] = set()
-    try:
-        flat_names = kohya_names(adapter.modules, adapter.format)
-    except (ModuleMismatchError, UnsupportedAdapterError) as exc:
-        raise type(exc)(f"{adapter.path}: {exc}") from exc
+    if adapter.format in ("peft", "diffusers", "gguf"):
+        from lora_tools.convert.run import foreign_names  # convert.run imports the format registry
+
+        # convert's names, image-model renames included (SDXL diffusers down_blocks.* -> sgm input_blocks_*), so
+        # that truncate/merge --to kohya write what convert --to kohya writes
+        flat_names = foreign_names(adapter, NAME)
+    else:
+        try:
+            flat_names = kohya_names(adapter.modules, adapter.format)
+        except (ModuleMismatchError, UnsupportedAdapterError) as exc:
+            raise type(exc)(f"{adapter.path}: {exc}") from exc
     for name, module in adapter.modules.items():
         if module.kind not in ("linear", "conv"):
             raise ModuleMismatchError(
