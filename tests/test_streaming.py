@@ -245,3 +245,52 @@ def test_layers_fed_one_tensor_share_one_covariance(tiny_llama: tuple[Path, Path
     handle.remove()
     # C is summed from float32 batch products (capture.CovarianceAccumulator): equal to ~1e-6 of its norm.
     assert float((C["1.self_attn.k_proj"] - expected).norm() / expected.norm()) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def head_adapter(tiny_llama: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PEFT LoRA on the tiny Llama's q_proj, down_proj and its LM head (outside the decoder blocks)."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama[0])).eval()
+    torch.manual_seed(2)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                  target_modules=["q_proj", "down_proj", "lm_head"]))
+    folder = tmp_path_factory.mktemp("head") / "adapter"
+    peft_model.save_pretrained(str(folder), save_embedding_layers=False)
+    return folder
+
+
+def test_streamed_lm_head_equals_in_memory(tiny_llama: tuple[Path, Path], head_adapter: Path) -> None:
+    """lm_head is compared in a last stage after every block (final norm + head loaded): the same rows."""
+    base = tiny_llama[0]
+    whole = _report(base, head_adapter, offload="never", end_to_end=False)
+    streamed = _report(base, head_adapter, offload="always", end_to_end=False)
+    assert streamed["offload"]["stream"]
+    whole.pop("offload"), streamed.pop("offload")
+    heads = [row for row in whole["layers"] if row["name"].endswith("lm_head")]
+    assert len(heads) == 1 and len(whole["layers"]) == 7  # q, down of 3 blocks + the head
+    assert _assert_same(whole, streamed) > 50
+
+
+def test_truncate_calib_streams_the_lm_head(tiny_llama: tuple[Path, Path], head_adapter: Path) -> None:
+    from lora_tools.calibration import collect_covariances
+
+    adapter = load_adapter(head_adapter)
+    whole = collect_covariances(adapter, tiny_llama[0], None, max_tokens=300, offload="never")
+    streamed = collect_covariances(adapter, tiny_llama[0], None, max_tokens=300, offload="always")
+    head = [name for name in whole.covariances if name.endswith("lm_head")]
+    assert len(head) == 1 and set(whole.covariances) == set(streamed.covariances)
+    for name, C in whole.covariances.items():
+        assert torch.allclose(C, streamed.covariances[name], rtol=1e-6, atol=1e-9), name
+
+
+def test_streamed_feed_refuses_other_modules_outside_the_blocks(tiny_llama: tuple[Path, Path]) -> None:
+    from lora_tools.model.feed import StreamedFeed
+
+    stream = StreamedModel(tiny_llama[0], torch.device("cpu"), torch.float32)
+    modules = {"emb": stream.model.model.embed_tokens}
+    with pytest.raises(LoraToolsError, match=r"emb \(model.embed_tokens\) is outside the decoder blocks"):
+        StreamedFeed(stream, modules, {"emb": "model.embed_tokens"}, {"calib": []}, pad_id=0, batch_size=1,
+                     device=torch.device("cpu"), progress=lambda n: None)

@@ -90,6 +90,11 @@ class StreamedFeed:
     A split not forwarded by the job in a stage (a block with no compared layer) is still carried through the
     block on the stage's exit, so every block sees the hidden states of all blocks before it. Blocks after the
     last compared one are not read at all, and the embeddings are freed once every batch is embedded.
+
+    An adapted LM head (``lm_head``, the Linear after the final norm) gets a last stage after every block: the
+    final norm and the head are loaded, and the normed last hidden states are handed over as its inputs (the
+    logits themselves are never computed: nothing after the head is compared, and for SmolLM2 one batch's
+    logits are 0.8 GB). Other modules outside the blocks (embeddings, norms) are refused.
     """
 
     def __init__(self, streamed: Any, modules: Mapping[str, torch.nn.Module], model_names: Mapping[str, str],
@@ -98,26 +103,36 @@ class StreamedFeed:
         self.streamed, self.modules, self.sequences = streamed, dict(modules), sequences
         self.pad_id, self.batch_size, self.device, self.progress = pad_id, batch_size, device, progress
         self.by_block: dict[int, list[str]] = {}
+        self.head_names: list[str] = []
+        head = streamed.model.get_output_embeddings()
         for name in self.modules:
             index = block_index(model_names[name])
-            if index is None:
-                raise InvalidOptionError(f"module {name} is not inside a decoder block (model.layers.N); "
-                                         "streaming compares the blocks' layers only: use --offload never")
-            self.by_block.setdefault(index, []).append(name)
+            if index is None and self.modules[name] is head and head is not None:
+                self.head_names.append(name)
+            elif index is None:
+                raise InvalidOptionError(f"module {name} ({model_names[name]}) is outside the decoder blocks "
+                                         "(model.layers.N) and is not the LM head; streaming compares the "
+                                         "blocks' layers and lm_head only: use --offload never")
+            else:
+                self.by_block.setdefault(index, []).append(name)
         self.states: dict[str, list[tuple[torch.Tensor, dict[str, Any], torch.Tensor]]] = {}
         self._block: torch.nn.Module | None = None
+        self._at_head = False
         self._names: list[str] = []
         self._done: set[str] = set()
 
     @property
     def blocks(self) -> int:
-        """Blocks run: up to the last one holding a compared layer (nothing later changes their inputs)."""
+        """Blocks run: up to the last one holding a compared layer (nothing later changes their inputs), all of
+        them when the LM head is compared."""
+        if self.head_names:
+            return int(self.streamed.checkpoint.blocks)
         return max(self.by_block, default=-1) + 1
 
     @property
     def steps(self) -> int:
-        """Progress units: every sequence once per block run."""
-        return sum(len(s) for s in self.sequences.values()) * self.blocks
+        """Progress units: every sequence once per block run (and once more through the head)."""
+        return sum(len(s) for s in self.sequences.values()) * (self.blocks + bool(self.head_names))
 
     def stages(self) -> Iterator[list[str]]:
         for split, sequences in self.sequences.items():
@@ -134,10 +149,19 @@ class StreamedFeed:
                             self._through_block(split, {}, lambda name, x: None, {})
                     self._block = None
                 release_free_memory()
+            if self.head_names:
+                with self.streamed.head():
+                    self._at_head, self._names = True, list(self.head_names)
+                    yield list(self._names)
+                    self._at_head = False
         finally:
+            self._at_head = False
             self.states.clear()
 
     def forward(self, split: str, callback: Callback, factors: Factors) -> None:
+        if self._at_head:
+            self._into_head(split, callback)
+            return
         if self._block is None:
             raise RuntimeError("StreamedFeed.forward outside a stage")
         modules = {n: self.modules[n] for n in self._names}
@@ -157,6 +181,22 @@ class StreamedFeed:
                 self.progress(int(mask.shape[0]))
         self.states[split] = carried
         self._done.add(split)
+
+
+    @torch.no_grad()
+    def _into_head(self, split: str, callback: Callback) -> None:
+        """The head's inputs: the final norm of the last block's output, real tokens only. No hook: the same
+        tensor an in-memory forward hands the head, without computing the logits. The factors do not matter
+        here: nothing compared comes after the head."""
+        norm = self.streamed.model.model.norm
+        with capture_inputs({}, callback) as state:  # its mask state flattens exactly as the hooks do
+            for hidden, _, mask in self.states[split]:
+                state.mask = mask
+                inputs = state.flatten(norm(hidden))
+                for name in self._names:
+                    callback(name, inputs)
+                release_free_memory()
+                self.progress(int(mask.shape[0]))
 
 
 def model_feed(model: torch.nn.Module, stream: Any, modules: Mapping[str, torch.nn.Module],

@@ -242,6 +242,15 @@ class StreamedModel:
         finally:
             module.to("meta")
 
+    @contextlib.contextmanager
+    def head(self) -> Iterator[torch.nn.Module]:
+        """The final norm and LM head loaded (the head yielded); freed on exit."""
+        try:
+            self._load_head()
+            yield self.model.lm_head
+        finally:
+            self.release_head()
+
     def _load_head(self) -> None:
         if not self._head_loaded:
             self._load(self.model.model.norm, "model.norm.")
