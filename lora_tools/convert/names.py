@@ -21,17 +21,21 @@ from pathlib import Path
 
 from lora_tools.errors import BaseModelError, InvalidOptionError, ModuleMismatchError, UnsupportedAdapterError
 
-COMPONENTS = ("unet", "te", "te1", "te2", "transformer")
+# te3: Flux's T5-XXL text encoder (sd-scripts networks/lora_flux.py LORA_PREFIX_TEXT_ENCODER_T5 = "lora_te3"; its
+# CLIP-L is lora_te1), diffusers' text_encoder_2 of a Flux pipeline (SDXL's text_encoder_2 is CLIP-G: te2).
+COMPONENTS = ("unet", "te", "te1", "te2", "te3", "transformer")
 # kohya prefix of each component; the longest match wins when reading ("lora_te1_" before "lora_te_").
-KOHYA_PREFIX = {"unet": "lora_unet_", "te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_",
+KOHYA_PREFIX = {"unet": "lora_unet_", "te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_", "te3": "lora_te3_",
                 "transformer": "lora_transformer_"}
 DIFFUSERS_PREFIX = {"unet": "unet.", "te": "text_encoder.", "te1": "text_encoder.", "te2": "text_encoder_2.",
-                    "transformer": "transformer."}
+                    "te3": "text_encoder_2.", "transformer": "transformer."}
+# A T5 encoder's own layers (transformers T5EncoderModel: encoder.block.N.layer.M...), CLIP's start text_model.
+T5_ROOT = "encoder.block."
 # Every component prefix a diffusers LoRA file may use ("prior." is Würstchen / Stable Cascade's prior).
 DIFFUSERS_COMPONENT_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.", "prior.")
 # Sub-folders of a diffusers pipeline folder, by component (for --base).
 PIPELINE_FOLDERS = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2",
-                    "transformer": "transformer"}
+                    "te3": "text_encoder_2", "transformer": "transformer"}
 
 # Metadata keys loratools writes into kohya files so that its own outputs convert back without a base model.
 META_NAMES = "loratools_module_names"
@@ -78,7 +82,8 @@ def from_diffusers(name: str) -> Canonical:
     for component in ("unet", "te2", "te", "transformer"):
         prefix = DIFFUSERS_PREFIX[component]
         if name.startswith(prefix):
-            return Canonical(component, name[len(prefix):])
+            path = name[len(prefix):]
+            return Canonical("te3" if component == "te2" and path.startswith(T5_ROOT) else component, path)
     # No component prefix: the attention-processor naming and early exports, all UNet.
     return Canonical(guess_component(name) or "unet", name)
 
@@ -106,9 +111,10 @@ def split_kohya(name: str) -> tuple[str | None, str]:
 
 
 def to_kohya(canonical: Canonical, has_te2: bool) -> str:
+    """``has_te2``: the adapter has a second text encoder (SDXL's te2 or Flux's T5 te3)."""
     component = canonical.component
     if component == "te" and has_te2:
-        component = "te1"  # SDXL: two text encoders, kohya names them te1 and te2
+        component = "te1"  # SDXL / Flux: two text encoders, kohya names the CLIP-L one te1
     prefix = KOHYA_PREFIX[component] if component else "lora_"
     return prefix + flatten(canonical.path)
 
@@ -135,7 +141,7 @@ def kohya_names(names: Iterable[str], source_format: str) -> dict[str, str]:
     if source_format == "kohya":
         return {n: n for n in names}
     canonical = {n: canonical_of(n, source_format) for n in names}
-    has_te2 = any(c.component == "te2" for c in canonical.values())
+    has_te2 = any(c.component in ("te2", "te3") for c in canonical.values())
     mapping: dict[str, str] = {}
     seen: dict[str, str] = {}
     for name, found in canonical.items():
@@ -208,6 +214,16 @@ def builtin_clip_modules() -> tuple[str, ...]:
     return tuple(names + ["text_projection"])
 
 
+def builtin_t5_modules() -> tuple[str, ...]:
+    """The LoRA-able layers of a T5 v1.1 encoder up to 24 blocks (Flux's T5-XXL), transformers T5EncoderModel
+    names: self-attention q/k/v/o and the gated feed-forward wi_0/wi_1/wo (what sd-scripts' lora_flux targets)."""
+    names = []
+    for i in range(24):
+        names += [f"encoder.block.{i}.layer.0.SelfAttention.{p}" for p in "qkvo"]
+        names += [f"encoder.block.{i}.layer.1.DenseReluDense.{p}" for p in ("wi_0", "wi_1", "wo")]
+    return tuple(names)
+
+
 # --- resolving kohya names -----------------------------------------------------------------------------------
 
 
@@ -251,6 +267,7 @@ def builtin_index() -> NameIndex:
     index.add("transformer", split_paths("transformer"))
     for component in ("te", "te1", "te2"):
         index.add(component, builtin_clip_modules())
+    index.add("te3", builtin_t5_modules())
     return index
 
 

@@ -124,7 +124,7 @@ def output_names(canonical: dict[str, Canonical], to: str, prefix: str | None,
     if keep_names and to == adapter.format:
         return {n: n for n in canonical}
     if to == "kohya":
-        has_te2 = any(c.component == "te2" for c in canonical.values())
+        has_te2 = any(c.component in ("te2", "te3") for c in canonical.values())
         mapping = {n: to_kohya(c, has_te2) for n, c in canonical.items()}
     elif to == "diffusers":
         mapping = {n: to_diffusers(c) for n, c in canonical.items()}
