@@ -16,6 +16,7 @@ import torch
 from lora_tools.compare.methods import (
     Approximation,
     ErrorMap,
+    OutputEigen,
     activation_aware,
     equal_budget_rank,
     output_eigen,
@@ -69,6 +70,8 @@ def fit_layer(layer: Any, schemes: Sequence[QuantScheme], ranks: Sequence[int], 
     plotted = {i for i, budget in entries if budget is not None or approximations[i].steps}
     layer.stats = [OutputErrorStats(device, entry_rms, entry_histogram=i in plotted)
                    for i in range(len(approximations))]
-    layer.eigen = eigen  # kept for the built-in check in evaluate.measure_calibration, which drops it
+    # Kept for the built-in check in evaluate.measure_calibration (which drops it): the eigenvalues and W C, not
+    # the (out, m) eigenvectors every approximation is now built from.
+    layer.eigen = OutputEigen(eigen.values, None, eigen.WC)
     layer.error_maps = [ErrorMap(target, approx) for approx in approximations]
 

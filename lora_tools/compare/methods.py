@@ -209,7 +209,7 @@ class OutputEigen:
     """Eigendecomposition of W C Wᵀ, descending: values (m,), vectors (out, m) orthonormal."""
 
     values: torch.Tensor
-    vectors: torch.Tensor
+    vectors: torch.Tensor | None  # None once the approximations are built (compare.fit)
     WC: torch.Tensor | None = None  # W C of a dense target (out <= in), reused by the calibration energies
 
     def tail_energy(self, rank: int) -> float:

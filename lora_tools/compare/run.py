@@ -209,6 +209,10 @@ class CompareJob:
 
         held: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in layers}
         feed.forward("holdout", lambda name, x: held[name].append(x), factors)
+        # Narrowest inputs first: every C_calib is alive when the first layer is fitted, and each is freed with
+        # the last layer reading it, so the widest (the down projection's: 254 MB for 5632 inputs) is then
+        # fitted alone. A stable sort keeps layers sharing one input (q/k/v, gate/up) next to each other.
+        layers = sorted(layers, key=lambda layer: layer.shape[1])
         for i, layer in enumerate(layers):
             fit_layer(layer, self.schemes, self.ranks, self.device)
             measure_calibration(layer, self.device, keep_span=False)
