@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from lora_tools.adapter import Adapter
-from lora_tools.convert.run import alignment_keys
+from lora_tools.convert.run import aligned_keys
 from lora_tools.errors import ModuleMismatchError
 from lora_tools.linalg import lowrank_svd, single_threaded, spectrum_metrics
 from lora_tools.linalg.products import cosine, subspace_similarity
@@ -23,9 +23,7 @@ from lora_tools.linalg.products import cosine, subspace_similarity
 def common_modules(a: Adapter, b: Adapter) -> tuple[list[tuple[str, str]], list[str], list[str]]:
     """(pairs of (name in A, name in B), names only in A, names only in B); across formats by the module each
     name resolves to (``convert``'s name resolution)."""
-    same = a.format == b.format
-    keys_a = {n: n for n in a.modules} if same else alignment_keys(a)
-    keys_b = {n: n for n in b.modules} if same else alignment_keys(b)
+    keys_a, keys_b = aligned_keys([a, b])
     keys_a = {k: n for n, k in keys_a.items()}
     keys_b = {k: n for n, k in keys_b.items()}
     pairs = [(keys_a[k], keys_b[k]) for k in keys_a if k in keys_b]

@@ -21,6 +21,7 @@ import torch
 
 from lora_tools.adapter import Adapter, LoraModule
 from lora_tools.builder import AdapterBuilder, factor_keys
+from lora_tools.convert.align import aligned_keys, alignment_keys  # noqa: F401 (callers import them from here)
 from lora_tools.convert.group_factors import build_group, group_mapping
 from lora_tools.convert.image_plan import LayerGroup, LayerPlan, plan_layers
 from lora_tools.convert.names import (
@@ -381,21 +382,3 @@ def foreign_names(adapter: Adapter, to: str) -> dict[str, str]:
     if layer_plan is not None:
         canonical = {**canonical, **layer_plan.renames}
     return output_names(canonical, to, None, adapter, keep_names=layer_plan is None)
-
-
-def alignment_keys(adapter: Adapter) -> dict[str, str]:
-    """A format-independent key per module (component:path) to match modules of adapters in different formats;
-    kohya names are resolved like ``convert`` does (recorded names, built-in lists), unresolved ones keep their
-    name; modules named by order only (lora_diffusion) match nothing in another format."""
-    if adapter.format not in ("peft", "kohya", "diffusers"):
-        return {n: f"{adapter.format}:{n}" for n in adapter.modules}
-    canonical, _, _ = canonical_names(adapter, base=None, prefix=None, allow_partial=True)
-    keys = {}
-    for name in adapter.modules:
-        found = canonical.get(name)
-        if found is None:
-            keys[name] = f"?:{name}"
-        else:
-            component = "te" if found.component == "te1" else found.component
-            keys[name] = f"{component}:{found.path}"
-    return keys

@@ -25,7 +25,7 @@ import torch
 
 from lora_tools.adapter import Adapter, LoraModule
 from lora_tools.builder import AdapterBuilder, widest_dtype
-from lora_tools.convert.run import alignment_keys
+from lora_tools.convert.run import aligned_keys
 from lora_tools.errors import InvalidOptionError, ModuleMismatchError, UnsupportedAdapterError
 from lora_tools.formats import peft
 from lora_tools.linalg import LowRankSVD, lowrank_svd, single_threaded
@@ -100,12 +100,11 @@ def module_slots(adapters: Sequence[Adapter]) -> dict[str, list[LoraModule | Non
     """Modules by merge key, one slot per adapter (None where an adapter lacks the module), unchecked.
 
     Adapters in one format match by module name; across formats by the module each name resolves to (the name
-    resolution of ``convert``: kohya names against recorded names or the built-in SD/CLIP lists).
+    resolution of ``convert``: kohya names against recorded names or the built-in lists, image-model layers in
+    diffusers' naming; convert/align.py).
     """
-    same_format = len({a.format for a in adapters}) == 1
     slots: dict[str, list[LoraModule | None]] = {}
-    for index, adapter in enumerate(adapters):
-        keys = {n: n for n in adapter.modules} if same_format else alignment_keys(adapter)
+    for index, (adapter, keys) in enumerate(zip(adapters, aligned_keys(adapters), strict=True)):
         for name, module in adapter.modules.items():
             slots.setdefault(keys[name], [None] * len(adapters))[index] = module
     return slots
