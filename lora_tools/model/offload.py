@@ -1,6 +1,7 @@
 """``--offload auto|never|always`` and ``--max-memory``: whether a base runs whole or block by block.
 
-The decision needs only the checkpoint's headers (no tensor is read): the model's bytes in the forward dtype
+The decision needs only the checkpoint's headers (no tensor is read; for a ``.gguf`` base, its tensor table: the
+elements of each tensor, whatever its quantized storage): the model's bytes in the forward dtype
 against the memory budget (``--max-memory``, else what the device has free: MemAvailable on CPU, free memory on
 CUDA). Streaming holds the embeddings, one decoder block and the carried hidden states; the plan says so in
 numbers before anything is loaded.
