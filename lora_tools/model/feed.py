@@ -102,19 +102,8 @@ class StreamedFeed:
                  device: torch.device, progress: Callable[[int], None]) -> None:
         self.streamed, self.modules, self.sequences = streamed, dict(modules), sequences
         self.pad_id, self.batch_size, self.device, self.progress = pad_id, batch_size, device, progress
-        self.by_block: dict[int, list[str]] = {}
-        self.head_names: list[str] = []
-        head = streamed.model.get_output_embeddings()
-        for name in self.modules:
-            index = block_index(model_names[name])
-            if index is None and self.modules[name] is head and head is not None:
-                self.head_names.append(name)
-            elif index is None:
-                raise InvalidOptionError(f"module {name} ({model_names[name]}) is outside the decoder blocks "
-                                         "(model.layers.N) and is not the LM head; streaming compares the "
-                                         "blocks' layers and lm_head only: use --offload never")
-            else:
-                self.by_block.setdefault(index, []).append(name)
+        self.by_block, self.head_names = group_by_block(self.modules, model_names,
+                                                        streamed.model.get_output_embeddings())
         self.states: dict[str, list[tuple[torch.Tensor, dict[str, Any], torch.Tensor]]] = {}
         self._block: torch.nn.Module | None = None
         self._at_head = False
@@ -207,6 +196,25 @@ def model_feed(model: torch.nn.Module, stream: Any, modules: Mapping[str, torch.
     if stream is not None:
         return StreamedFeed(stream, modules, model_names, sequences, **common)
     return InMemoryFeed(model, modules, sequences, **common)
+
+
+def group_by_block(modules: Mapping[str, torch.nn.Module], model_names: Mapping[str, str],
+                   head: torch.nn.Module | None) -> tuple[dict[int, list[str]], list[str]]:
+    """(decoder block index -> the modules in it, the modules that are the LM head ``head``), in ``modules``
+    order; any other module outside the blocks is refused (streaming has no stage for it)."""
+    by_block: dict[int, list[str]] = {}
+    head_names: list[str] = []
+    for name, module in modules.items():
+        index = block_index(model_names[name])
+        if index is not None:
+            by_block.setdefault(index, []).append(name)
+        elif head is not None and module is head:
+            head_names.append(name)
+        else:
+            raise InvalidOptionError(f"module {name} ({model_names[name]}) is outside the decoder blocks "
+                                     "(model.layers.N) and is not the LM head; streaming compares the blocks' "
+                                     "layers and lm_head only: use --offload never")
+    return by_block, head_names
 
 
 def block_index(model_name: str) -> int | None:
