@@ -28,7 +28,7 @@ from typing import Any
 from lora_tools.adapter import Adapter
 from lora_tools.errors import BaseModelError, InvalidOptionError, ModuleMismatchError, UnsupportedAdapterError
 from lora_tools.formats import gguf_names
-from lora_tools.formats.gguf_data import TensorJob, write_tensors
+from lora_tools.formats.gguf_data import TensorJob, finite_values, write_tensors
 from lora_tools.formats.gguf_layout import FLOAT32, STRING, UINT32, TensorEntry, header_bytes, lay_out
 from lora_tools.formats.gguf_names import GGUFBase
 
@@ -294,11 +294,8 @@ def _metadata(adapter: Adapter, base: GGUFBase, alpha: float, names: dict[str, s
 
 
 def all_finite(tensor: Any) -> bool:
-    """No NaN/Inf: their float64 sum is finite (one reduction, ~4x faster than isfinite on fp16; float64 cannot
-    overflow on sums of float32/bf16 values)."""
-    import torch
-
-    return bool(torch.isfinite(tensor.sum(dtype=torch.float64)))
+    """No NaN/Inf (formats/gguf_data.finite_values)."""
+    return finite_values(tensor)
 
 
 def _check_shape(adapter: Adapter, base: GGUFBase, name: str, target: str, kind: str, shape_b: tuple[int, ...],
