@@ -63,14 +63,15 @@ def check_header(path: Path, written: gguf_write.GGUFWritten) -> None:
 
 
 def decode(raw: Any, entry: Any) -> torch.Tensor:
-    """A tensor's bytes as values in its row-major shape (Q8_0 dequantized with gguf's own kernel)."""
+    """A tensor's bytes (a uint8 array) as values in its row-major shape (Q8_0 dequantized with gguf's own
+    kernel); plain types share ``raw``'s memory."""
     if entry.ggml_type == "Q8_0":
         import gguf
 
         return torch.from_numpy(gguf.quants.dequantize(raw.reshape(entry.shape[0], -1),
                                                        gguf.GGMLQuantizationType.Q8_0)).reshape(entry.shape)
     dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[entry.ggml_type]
-    return torch.from_numpy(raw.copy()).view(dtype).reshape(entry.shape)
+    return torch.from_numpy(raw).view(dtype).reshape(entry.shape)  # shares raw's memory
 
 
 class TensorChecks:
@@ -100,8 +101,8 @@ class TensorChecks:
             exact = torch.equal(value.to(torch.float64), factor.to(torch.float64))
         if exact:
             self.exact.add((job.module, job.role))
-        else:
-            self.decoded[(job.module, job.role)] = value.contiguous()
+        else:  # a copy: ``back`` is a buffer the next write reuses
+            self.decoded[(job.module, job.role)] = value.clone(memory_format=torch.contiguous_format)
 
 
 @torch.no_grad()
