@@ -165,3 +165,35 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     kinds = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     return save_tiny_base_and_adapter(tmp_path_factory.mktemp("stream"), transformers.LlamaForCausalLM(config).eval(),
                                       kinds, max_shard_size="2MB")
+
+
+@pytest.fixture(scope="module")
+def head_adapter(tiny_llama: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PEFT LoRA on the tiny Llama's q_proj, down_proj and its LM head (outside the decoder blocks)."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama[0])).eval()
+    torch.manual_seed(2)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                  target_modules=["q_proj", "down_proj", "lm_head"]))
+    folder = tmp_path_factory.mktemp("head") / "adapter"
+    peft_model.save_pretrained(str(folder), save_embedding_layers=False)
+    return folder
+
+
+def test_streamed_end_to_end_applies_the_lm_head_variants(tiny_llama: tuple[Path, Path], head_adapter: Path) -> None:
+    """An adapted lm_head is built after the blocks and switched in while the logits are computed: the
+    streamed section equals the in-memory one (before, the streamed stage refused the head)."""
+    from lora_tools.compare import CompareOptions, prepare_compare
+    from tests.test_streaming import _assert_same
+
+    def section(offload: str) -> dict[str, Any]:
+        options = CompareOptions(max_tokens=600, device="cpu", offload=offload, ranks=(1, 2),
+                                 schemes=("int8-channel",))
+        return prepare_compare(load_adapter(head_adapter), tiny_llama[0], options).run()["end_to_end"]
+
+    whole, streamed = section("never"), section("always")
+    assert whole["modules"] == 7 and whole["kl_adapter_base"] > 0
+    # The head's update matters: without it the reference would be another model and every KL would move.
+    assert _assert_same(whole, streamed) > 50

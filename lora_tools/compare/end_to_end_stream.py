@@ -38,16 +38,24 @@ from lora_tools.model.stream import run_block
 BASE = 1  # slot of the base model's hidden states; 0 is the reference adapter's, 2.. the variants'
 
 
-def modules_by_block(modules: Mapping[str, Any], model_names: Mapping[str, str]) -> dict[int, list[str]]:
-    """Decoder block index -> the adapter modules in it (in ``modules`` order)."""
+def modules_by_block(stream: Any, modules: Mapping[str, Any],
+                     model_names: Mapping[str, str]) -> tuple[dict[int, list[str]], list[str]]:
+    """(decoder block index -> the adapter modules in it, the modules that are the LM head), in ``modules``
+    order; any other module outside the blocks is refused (as ``model.feed.StreamedFeed`` does)."""
     by_block: dict[int, list[str]] = {}
+    head_names: list[str] = []
+    head = stream.model.get_output_embeddings()
     for name in modules:
         index = block_index(model_names[name])
-        if index is None:
-            raise InvalidOptionError(f"module {name} is not inside a decoder block (model.layers.N); streaming "
-                                     "compares the blocks' layers only: use --offload never")
-        by_block.setdefault(index, []).append(name)
-    return by_block
+        if index is None and head is not None and modules[name] is head:
+            head_names.append(name)
+        elif index is None:
+            raise InvalidOptionError(f"module {name} ({model_names[name]}) is outside the decoder blocks "
+                                     "(model.layers.N) and is not the LM head; streaming compares the blocks' "
+                                     "layers and lm_head only: use --offload never")
+        else:
+            by_block.setdefault(index, []).append(name)
+    return by_block, head_names
 
 
 @torch.no_grad()
@@ -66,7 +74,7 @@ def evaluate_variants_streamed(stream: Any, modules: Mapping[str, torch.nn.Modul
     if set(plan.names) != set(modules):
         raise ModuleMismatchError("the variant plan and the hooked modules differ (every variant must cover "
                                   "exactly the modules being hooked)")
-    by_block = modules_by_block(modules, model_names)
+    by_block, head_names = modules_by_block(stream, modules, model_names)
     batches = list(iter_batches(sequences, batch_size, pad_id, device))
     kwargs, states = [], [[] for _ in range(len(plan.variants) + 1)]
     for ids, mask in batches:
@@ -79,6 +87,12 @@ def evaluate_variants_streamed(stream: Any, modules: Mapping[str, torch.nn.Modul
         _through_block(stream, index, {n: modules[n] for n in by_block.get(index, [])}, plan, states, kwargs,
                        device)
         release_free_memory()
+    # An adapted LM head: its factors (built last, small: (vocab + hidden) x r each) are switched in with the
+    # hidden states of the same slot while the logits are computed.
+    head_modules = {n: modules[n] for n in head_names}
+    head_factors = [prepare_module_factors(v.label, factors, head_modules, device)
+                    for v, factors in zip(plan.variants, plan.build(head_names), strict=True)]
+    head_slots = [head_factors[0], None, *head_factors[1:]]
     if not plan.complete:
         raise RuntimeError("streamed end-to-end: some variant modules were never built")
     variants = plan.variants[1:]
@@ -86,15 +100,18 @@ def evaluate_variants_streamed(stream: Any, modules: Mapping[str, torch.nn.Modul
     tallies = [_Tally() for _ in variants]
     comparator = _LogitComparator(DEFAULT_CHUNK_ELEMENTS)
     try:
-        for b, (ids, mask) in enumerate(batches):
-            def forward(slot: int | None, _b: int = b) -> torch.Tensor:
-                return stream.logits(states[BASE if slot is None else slot][_b])
+        with variant_hooks(head_modules) as switch:
+            for b, (ids, mask) in enumerate(batches):
+                def forward(slot: int | None, _b: int = b) -> torch.Tensor:
+                    index = BASE if slot is None else slot
+                    switch.active = head_slots[index]
+                    return stream.logits(states[index][_b])
 
-            _kl_batch(forward, ids, mask, comparator, 0, list(range(2, len(states))), base_tally, adapter_tally,
-                      tallies)
-            release_free_memory()
-            if progress is not None:
-                progress(int(ids.shape[0]))
+                _kl_batch(forward, ids, mask, comparator, 0, list(range(2, len(states))), base_tally,
+                          adapter_tally, tallies)
+                release_free_memory()
+                if progress is not None:
+                    progress(int(ids.shape[0]))
     finally:
         stream.release_head()
     return _section("kl", base_tally, adapter_tally, variants, tallies, len(sequences), device, stream.dtype)
