@@ -36,6 +36,7 @@ class TensorJob:
     role: str  # "lora_a" | "lora_b"
     copy: tuple[int, int] | None = None
     dtype: str = "F32"
+    stored: tuple[int, int] | None = None  # (offset, bytes) of the factor it is made from, when in the input file
     heads: int = 0  # B rows in llama.cpp's rotary order for this many heads
     transposed: bool = False  # token_embd's lora_a holds A transposed
 
@@ -118,22 +119,29 @@ class _Output:
 
 
 def write_tensors(fd: int, position: int, path: Path, jobs: list[TensorJob], source_path: Path | None,
-                  encode: Callable[[TensorJob], tuple[Any, Any]], check_finite: bool, where: Path,
+                  encode: Callable[[TensorJob, Any], tuple[Any, Any]], check_finite: bool, where: Path,
                   check: Callable[[TensorJob, Any, Any], None] | None = None) -> int:
     """Write the jobs' data at ``position`` (the end of the header) of the open file ``fd``; return the end.
-    ``source_path``: the input file the copies come from; ``encode(job)``: (the bytes of a job that is not a copy,
-    a uint8 array of ``job.entry.nbytes`` whose values are already checked; the factor they were made from);
+    ``source_path``: the input file the copies come from; ``encode(job, raw)``: (the bytes of a job that is not a
+    copy, a uint8 array of ``job.entry.nbytes`` whose values are already checked; the factor they were made from),
+    ``raw`` the stored bytes of that factor when ``job.stored`` says where they are, else None;
     ``check(job, factor, bytes read back)``: called once such a job is written; ``where``: the input, for
     messages."""
     import numpy as np
 
     out = _Output(fd, position, path)
     buffer = np.empty(CHUNK, dtype=np.uint8)
-    source = os.open(source_path, os.O_RDONLY) if source_path is not None and any(j.copy for j in jobs) else None
+    source = os.open(source_path, os.O_RDONLY) if source_path is not None and any(
+        j.copy or j.stored for j in jobs) else None
     try:
         for run in _runs(jobs):
             if run[0].copy is None:
-                data, factor = encode(run[0])
+                raw = None
+                if run[0].stored is not None and source is not None:  # one positioned read, no open per tensor
+                    raw = np.empty(run[0].stored[1], dtype=np.uint8)
+                    if os.preadv(source, [raw], run[0].stored[0]) != len(raw):
+                        raise AdapterFormatError(f"{where}: cut short while converting (file changed or truncated)")
+                data, factor = encode(run[0], raw)
                 if len(data) != run[0].entry.nbytes:
                     raise ModuleMismatchError(f"{where}: {run[0].entry.name}: {len(data)} bytes encoded for a "
                                               f"{run[0].entry.nbytes}-byte tensor")

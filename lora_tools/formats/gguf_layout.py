@@ -34,10 +34,7 @@ class TensorEntry:
     shape: tuple[int, ...]
     ggml_type: str
     offset: int
-
-    @property
-    def nbytes(self) -> int:
-        return tensor_nbytes(self.shape, self.ggml_type)
+    nbytes: int = 0  # of its data, without padding (lay_out fills it in)
 
     @property
     def gguf_shape(self) -> tuple[int, ...]:
@@ -61,7 +58,7 @@ def lay_out(tensors: list[tuple[str, tuple[int, ...], str]]) -> list[TensorEntry
     """(name, row-major shape, ggml type) in file order -> entries with their aligned data offsets."""
     entries, offset = [], 0
     for name, shape, ggml_type in tensors:
-        entry = TensorEntry(name, tuple(shape), ggml_type, offset)
+        entry = TensorEntry(name, tuple(shape), ggml_type, offset, tensor_nbytes(tuple(shape), ggml_type))
         entries.append(entry)
         offset += padded(entry.nbytes)
     return entries

@@ -31,6 +31,7 @@ from lora_tools.formats import gguf_names
 from lora_tools.formats.gguf_data import TensorJob, finite_values, write_tensors
 from lora_tools.formats.gguf_layout import FLOAT32, STRING, UINT32, TensorEntry, header_bytes, lay_out
 from lora_tools.formats.gguf_names import GGUFBase
+from lora_tools.tensorfile import torch_dtype
 
 # --dtype spellings -> ggml type names (our usual ones plus llama.cpp's).
 DTYPES = {"fp32": "F32", "float32": "F32", "f32": "F32", "fp16": "F16", "float16": "F16", "f16": "F16",
@@ -237,6 +238,8 @@ def write_gguf(adapter: Adapter, path: Path, *, force: bool = False, base: GGUFB
             where = byte_range(info.key) if byte_range is not None and name not in exact else None
             if where is not None and not changed and info.dtype == ggml_type:
                 job.copy = where
+            elif where is not None and info.dtype in _STORED:
+                job.stored = where
             specs.append((where[0] if where is not None else math.inf, index, job))
     if all(math.isfinite(spec[0]) for spec in specs):
         specs.sort()  # the input's own order, so that unchanged tensors are copied in long contiguous runs
@@ -247,8 +250,13 @@ def write_gguf(adapter: Adapter, path: Path, *, force: bool = False, base: GGUFB
         jobs.append(job)
     header = header_bytes(_metadata(adapter, base, alpha, names, source_format), entries)
 
-    def encode(job: TensorJob) -> tuple[Any, Any]:
-        factor = tensor = _factor(adapter, job.module, job.role, exact)
+    def encode(job: TensorJob, raw: Any) -> tuple[Any, Any]:
+        if raw is not None:  # the factor's stored bytes, read by the data writer
+            info = adapter.modules[job.module].b_info if job.role == "lora_b" else adapter.modules[job.module].a_info
+            stored = torch.from_numpy(raw).view(torch_dtype(info.dtype))
+            factor = tensor = stored.reshape(info.shape[0], -1)
+        else:
+            factor = tensor = _factor(adapter, job.module, job.role, exact)
         if not allow_nonfinite and not all_finite(tensor):
             raise ModuleMismatchError(f"{adapter.path}: module {job.module}: LoRA factors contain NaN or Inf; "
                                       "refusing to convert (pass --allow-nonfinite to copy them unchanged)")
