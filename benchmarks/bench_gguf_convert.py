@@ -153,8 +153,8 @@ def _floor_sentence(read_s: float, floor_s: float, total: float, parts: dict[str
             "their reads and writes are counted above, the forward reordering below) "
             f"{qk * 1e3:.1f} ms, and {max(0.0, total - floor - qk) * 1e3:.1f} ms for everything else (base config, "
             "names, plan, header written and parsed back, the Python loops over runs and modules, staging and "
-            "rename, and this breakdown's own timing wrappers). Since the checked write alone is about 1.7x the read, "
-            "2x would need that bookkeeping near zero, a check dropped (the read-back or the NaN/Inf scan), or the "
+            "rename, and this breakdown's own timing wrappers). Since the checked write alone is about "
+            f"{floor / read_s:.1f}x the read, 2x would need that bookkeeping near zero, a check dropped (the read-back or the NaN/Inf scan), or the "
             "write overlapped with the reads (threads). (The previous writer, 0.30 s = 10.9x at load 0.4, wrote through gguf's "
             "GGUFWriter one tensor per call, read the whole file back through GGUFReader, ~56 ms of header parsing "
             "alone, and built gguf's full 32-block name map, ~14 ms.)")
