@@ -88,3 +88,26 @@ def test_read_documents(tmp_path: Path) -> None:
     (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02abc")
     with pytest.raises(InvalidOptionError, match="not text"):
         read_documents(tmp_path / "bin.txt")
+
+
+@pytest.mark.parametrize("dim", [3, 1024, 1500, 2600])
+def test_covariance_from_lower_panels_equals_brute_force(dim: int) -> None:
+    """C is accumulated as lower-triangle panels of GRAM_BLOCK columns and assembled on first read: it must equal
+    Σ x xᵀ in float64 (to the float32 per-batch products' rounding), be exactly symmetric, and keep accumulating
+    correctly after it was read."""
+    from lora_tools.capture import CovarianceAccumulator
+
+    gen = torch.Generator().manual_seed(dim)
+    batches = [torch.randn(200, dim, generator=gen) for _ in range(3)]
+    acc = CovarianceAccumulator(dim)
+    for x in batches:
+        acc.update(x)
+    X = torch.cat(batches).double()
+    expected = X.T @ X
+    C = acc.gram
+    assert torch.equal(C, C.T)
+    assert float((C - expected).abs().max()) <= 1e-6 * float(expected.abs().max())
+    acc.update(batches[0])
+    again = expected + batches[0].double().T @ batches[0].double()
+    assert float((acc.gram - again).abs().max()) <= 1e-6 * float(again.abs().max())
+    assert acc.tokens == 800

@@ -235,8 +235,9 @@ def output_eigen(target: Target, C: torch.Tensor) -> OutputEigen:
         W = target.weight.to(torch.float64)
         if W.shape[0] <= W.shape[1]:
             WC = W @ C  # (out, in)
-            M = WC @ W.T  # (out, out)
-            values, vectors = torch.linalg.eigh((M + M.T) / 2)
+            M = WC @ W.T  # (out, out), symmetric up to rounding: eigh reads its lower triangle only
+            del W
+            values, vectors = torch.linalg.eigh(M)
             return OutputEigen(values.flip(0), vectors.flip(1), WC)
         else:
             # More outputs than inputs (gate/up projections): W C Wᵀ = (W L)(W L)ᵀ with C = L Lᵀ, so its
