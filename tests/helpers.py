@@ -88,3 +88,16 @@ def save_tiny_base_and_adapter(root: Path, model: Any, target_modules: list[str]
     adapter = root / "adapter"
     peft_model.save_pretrained(str(adapter))
     return base, adapter
+
+
+def save_head_adapter(base: Path, folder: Path) -> Path:
+    """A PEFT LoRA on a tiny Llama's q_proj, down_proj and its LM head (a module outside the decoder blocks)."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base)).eval()
+    torch.manual_seed(2)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                  target_modules=["q_proj", "down_proj", "lm_head"]))
+    peft_model.save_pretrained(str(folder), save_embedding_layers=False)
+    return folder

@@ -21,7 +21,7 @@ from lora_tools.errors import LoraToolsError  # noqa: E402
 from lora_tools.formats import load_adapter  # noqa: E402
 from lora_tools.model.offload import parse_memory, plan_offload  # noqa: E402
 from lora_tools.model.stream import StreamedModel, read_checkpoint  # noqa: E402
-from tests.helpers import minilm_path, save_tiny_base_and_adapter  # noqa: E402
+from tests.helpers import minilm_path, save_head_adapter, save_tiny_base_and_adapter  # noqa: E402
 
 KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -250,16 +250,7 @@ def test_layers_fed_one_tensor_share_one_covariance(tiny_llama: tuple[Path, Path
 @pytest.fixture(scope="module")
 def head_adapter(tiny_llama: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A PEFT LoRA on the tiny Llama's q_proj, down_proj and its LM head (outside the decoder blocks)."""
-    import transformers
-    from peft import LoraConfig, get_peft_model
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama[0])).eval()
-    torch.manual_seed(2)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                                  target_modules=["q_proj", "down_proj", "lm_head"]))
-    folder = tmp_path_factory.mktemp("head") / "adapter"
-    peft_model.save_pretrained(str(folder), save_embedding_layers=False)
-    return folder
+    return save_head_adapter(tiny_llama[0], tmp_path_factory.mktemp("head") / "adapter")
 
 
 def test_streamed_lm_head_equals_in_memory(tiny_llama: tuple[Path, Path], head_adapter: Path) -> None:

@@ -16,7 +16,7 @@ from lora_tools.compare.span import SpanCovariance
 from lora_tools.compare.variants_plan import VariantPlan
 from lora_tools.formats import load_adapter
 from lora_tools.model.feed import block_index
-from tests.helpers import lora_tensors, write_peft
+from tests.helpers import lora_tensors, save_head_adapter, write_peft
 
 KINDS = {"self_attn.q_proj": (24, 40), "self_attn.v_proj": (16, 40), "mlp.down_proj": (40, 56)}
 BLOCKS = 3
@@ -170,16 +170,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def head_adapter(tiny_llama: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A PEFT LoRA on the tiny Llama's q_proj, down_proj and its LM head (outside the decoder blocks)."""
-    import transformers
-    from peft import LoraConfig, get_peft_model
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama[0])).eval()
-    torch.manual_seed(2)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                                  target_modules=["q_proj", "down_proj", "lm_head"]))
-    folder = tmp_path_factory.mktemp("head") / "adapter"
-    peft_model.save_pretrained(str(folder), save_embedding_layers=False)
-    return folder
+    return save_head_adapter(tiny_llama[0], tmp_path_factory.mktemp("head") / "adapter")
 
 
 def test_streamed_end_to_end_applies_the_lm_head_variants(tiny_llama: tuple[Path, Path], head_adapter: Path) -> None:

@@ -24,41 +24,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from lora_tools.model.stream import StreamError
+from lora_tools.model.stream import Checkpoint, StreamError
 
 
 @dataclass
-class GGUFCheckpoint:
-    """Where every transformers tensor of a GGUF model lives (its GGUF tensor), validated before any load."""
+class GGUFCheckpoint(Checkpoint):
+    """Where every transformers tensor of a GGUF model lives (its GGUF tensor), validated before any load.
+    ``folder`` is the .gguf file and every ``files`` entry names it (the safetensors Checkpoint's interface)."""
 
-    folder: Path  # the .gguf file (named ``folder`` for the safetensors Checkpoint's interface)
-    config: dict[str, Any]
-    files: dict[str, Path]  # transformers tensor name -> the .gguf file
-    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (bytes as stored, elements)
     gguf_names: dict[str, str] = field(default_factory=dict)  # transformers name -> GGUF tensor name
     architecture: str = ""  # general.architecture
     reader: Any = None
     hf_config: Any = None
     tokenizer: Any = None
-
-    @property
-    def model_type(self) -> str:
-        return str(self.config.get("model_type", "?"))
-
-    @property
-    def blocks(self) -> int:
-        return int(self.config.get("num_hidden_layers", 0))
-
-    def block_bytes(self, index: int, dtype_bytes: int | None = None) -> int:
-        prefix = f"model.layers.{index}."
-        return sum(self._bytes(name, dtype_bytes) for name in self.files if name.startswith(prefix))
-
-    def total_bytes(self, dtype_bytes: int | None = None) -> int:
-        return sum(self._bytes(name, dtype_bytes) for name in self.files)
-
-    def _bytes(self, name: str, dtype_bytes: int | None) -> int:
-        stored, element = self.sizes[name]
-        return stored if dtype_bytes is None else element * dtype_bytes
 
     def label(self, name: str) -> str:
         return f"{self.gguf_names.get(name, '?')} ({name})"
