@@ -169,12 +169,11 @@ class CompareJob:
             if self.stream is not None and not all(layer.target.factored for layer in layers):
                 self._layer_by_layer(feed, layers, factors, rows, advance)
                 continue
-            for layer in layers:
+            for i, layer in enumerate(layers):
                 fit_layer(layer, self.schemes, self.ranks, self.device)
                 measure_calibration(layer, self.device, keep_span=self.end_to_end)
                 advance(1)
-            for layer in layers:  # after every layer that shares it was measured
-                layer.calib.release()
+                release_after_last_reader(layers, i)
             feed.forward("holdout", on_holdout, factors)
             for layer in layers:
                 rows[layer.name] = finalize_layer(layer, self.device)
@@ -217,14 +216,20 @@ class CompareJob:
             fit_layer(layer, self.schemes, self.ranks, self.device)
             measure_calibration(layer, self.device, keep_span=False)
             advance(1)
-            if not any(later.calib is layer.calib for later in layers[i + 1:]):
-                layer.calib.release()
+            release_after_last_reader(layers, i)
             for x in held.pop(layer.name):  # a C_holdout of its own: one layer's at a time
                 layer.holdout.update(x)
                 add_holdout_tokens(layer, x)
             rows[layer.name] = finalize_layer(layer, self.device)
             layer.release()
             release_free_memory()
+
+
+def release_after_last_reader(layers: list[Layer], i: int) -> None:
+    """Free layer i's C_calib unless a later layer of the stage shares it (q/k/v, gate/up): a covariance read
+    once in full (``CovarianceAccumulator.gram``) is not kept beside the next layer's."""
+    if not any(later.calib is layers[i].calib for later in layers[i + 1:]):
+        layers[i].calib.release()
 
 
 def dense_target(kind: str, layer: Layer, adapter: Adapter | None, device: torch.device) -> Target:
