@@ -63,21 +63,24 @@ def paper_70b(c: dict[str, int] = LLAMA3_70B, dtype_bytes: int = 2, tokens: int 
     cov = (3 * h * h + i * i) * 8  # one C per distinct input: q/k/v, o, gate/up, down (float64)
     per_1k = 1000 * h * dtype_bytes
     mlp_batch = 8 * 128 * i * dtype_bytes * 3  # a streamed batch (8 x 128 tokens) through the MLP
-    peak = embed * dtype_bytes + block * dtype_bytes + cov + 2 * tokens * h * dtype_bytes + mlp_batch
+    panels = sum((d - start) * min(1024, d - start) for d in (h, h, h, i) for start in range(0, d, 1024)) * 8
+    peak = block * dtype_bytes + cov + 2 * tokens * h * dtype_bytes + mlp_batch
     return "\n".join([
         "On paper, Llama-3-70B (hidden 8192, intermediate 28672, 80 blocks, 8 KV heads, vocab 128,256) on one "
         "140 GB GPU, bf16 forward:",
         f"- weights {total / 1e9:.1f} B parameters = {total * dtype_bytes / 1e9:.0f} GB (does not fit beside its "
         f"activations); one block {block / 1e6:.0f} M = {block * dtype_bytes / 1e9:.2f} GB; embeddings "
-        f"{embed * dtype_bytes / 1e9:.2f} GB held throughout, the LM head as much again at the end (end to end)",
+        f"{embed * dtype_bytes / 1e9:.2f} GB, held only while each pass embeds its batches, the LM head as much "
+        "again at the end (end to end)",
         f"- statistics: one float64 C per distinct input of a block (q/k/v, o, gate/up, down) = "
-        f"{cov / 1e9:.2f} GB, the down projection's {i * i * 8 / 1e9:.2f} GB of it; one split's at a time "
-        "(C_calib is measured and freed before the held-out pass)",
+        f"{cov / 1e9:.2f} GB in full, the down projection's {i * i * 8 / 1e9:.2f} GB of it; while the batches "
+        f"arrive on a CPU only their lower-triangle panels, {panels / 1e9:.2f} GB (a GPU accumulates them in "
+        "full); each C is freed after its last reader is measured, one split's at a time",
         f"- activations: {per_1k / 1e6:.1f} MB of hidden states per 1k tokens per carried copy; an 8 x 128-token "
         f"batch through the MLP {mlp_batch / 1e6:.0f} MB; end to end, 27 variants x 512 tokens of hidden states "
         f"{27 * 512 * h * dtype_bytes / 1e6:.0f} MB",
-        f"- peak ≈ {peak / 1e9:.1f} GB for {tokens} calibration tokens (embeddings + one block + one block's C + "
-        "hidden states + MLP batch): about a tenth of the GPU",
+        f"- peak ≈ {peak / 1e9:.1f} GB for {tokens} calibration tokens (one block + one block's C in full + "
+        "hidden states + MLP batch): well under a tenth of the GPU",
         f"- floor: every block is read twice (per-layer stage, end-to-end stage): {2 * total * dtype_bytes / 1e9:.0f}"
         f" GB, {2 * total * dtype_bytes / 5e9 / 60:.1f} min at 5 GB/s",
     ])
