@@ -226,7 +226,8 @@ def output_eigen(target: Target, C: torch.Tensor) -> OutputEigen:
     """Eigenpairs of W C Wᵀ (out x out) — through an r x r core when W = s·B·A is factored.
 
     Factored: B = Q R (thin QR, Q: (out, r)), so W C Wᵀ = Q (s² R G Rᵀ) Qᵀ with G = A C Aᵀ (r x r); the core's
-    eigenvectors V give U = Q V. Dense: eigh of the (out, out) matrix when out <= in, else the thin SVD of W C^½.
+    eigenvectors V give U = Q V. Dense: eigh of the (out, out) matrix when out <= in, else an (in, in) eigenproblem
+    and a QR (below).
     """
     C = C.to(torch.float64)
     if target.factored:
@@ -240,13 +241,20 @@ def output_eigen(target: Target, C: torch.Tensor) -> OutputEigen:
             values, vectors = torch.linalg.eigh(M)
             return OutputEigen(values.flip(0), vectors.flip(1), WC)
         else:
-            # More outputs than inputs (gate/up projections): W C Wᵀ = (W L)(W L)ᵀ with C = L Lᵀ, so its
-            # eigenpairs are the left singular pairs of the (out, in) matrix W L — an O(out·in²) thin SVD instead
-            # of an O(out³) eigendecomposition (5632 x 2048: about 10x less work).
-            c_values, c_vectors = torch.linalg.eigh((C + C.T) / 2)
-            L = c_vectors * c_values.clamp_min(0).sqrt()  # (in, in)
-            U, S, _ = torch.linalg.svd(W @ L, full_matrices=False)
-            values, vectors = S.square(), U
+            # More outputs than inputs (gate/up projections): W C Wᵀ = (W L)(W L)ᵀ with C = L Lᵀ, so its nonzero
+            # eigenvalues are those of the (in, in) matrix Lᵀ (Wᵀ W) L = V Λ Vᵀ, and its top-k eigenvectors span
+            # the columns of W L V_k. Only (in, in) eigenproblems (not an O(out³) one), and instead of the thin SVD
+            # of the (out, in) W L — whose LAPACK workspace alone is ~230 MB for 5632 x 2048 — a QR of W L V: its
+            # first k columns are an orthonormal basis of that span for every k at once (what activation_aware
+            # projects on), without dividing by small singular values.
+            c_values, c_vectors = torch.linalg.eigh(C)  # C is symmetric: eigh reads its lower triangle
+            L = c_vectors.mul_(c_values.clamp_min(0).sqrt())  # (in, in)
+            del c_vectors
+            K = L.T @ (W.T @ W) @ L  # (in, in)
+            values, V = torch.linalg.eigh(K)
+            del K
+            values, V = values.flip(0), V.flip(1)
+            vectors, _ = torch.linalg.qr(W @ (L @ V))  # (out, in)
     return OutputEigen(values, vectors)
 
 
