@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default=",".join(RUNS),
                         help="which runs now (comma-separated of floor, delta, base); the others' last results "
                              "are read back from FOLDER/bench_streaming.json, so long runs can be done apart")
+    parser.add_argument("--notes", type=Path, default=None, help="a Markdown file appended to the section")
     parser.add_argument("--write-report", action="store_true")
     parser.add_argument("--report", type=Path, default=DEFAULT_REPORT)
     args = parser.parse_args(argv)
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
           + (f"; {state[k]['detail']}" if state[k]["detail"] else "") for k in done],
         f"- torch {__import__('torch').__version__}.",
         "",
+        *([args.notes.read_text().strip(), ""] if args.notes else []),
         paper_70b(),
     ])
     print(body)
