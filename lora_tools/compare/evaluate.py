@@ -49,9 +49,10 @@ def measure_calibration(layer: Any, device: torch.device, keep_span: bool) -> No
     held-out batch."""
     target = layer.target
     C_calib = layer.calib.gram
-    # The dense map is needed for dense targets only: a factored target's errors all come from its factors
-    # (out x in float64 would be 92 MB for a 2048 x 5632 layer, for nothing).
-    W = None if target.factored else target.dense(torch.float64).to(device)  # (out, in)
+    # The dense map is needed for dense targets only (a factored target's errors all come from its factors),
+    # and as stored: the metrics read it in row blocks cast to float64, never a whole float64 copy (92 MB for a
+    # 2048 x 5632 layer).
+    W = None if target.factored else target.weight.to(device)  # (out, in)
     context = EnergyContext(target, C_calib, W, WC=layer.eigen.WC)  # W C as the fit computed it, if it did
     errors = []
     for approx in layer.approximations:
@@ -78,9 +79,10 @@ def finalize_layer(layer: Any, device: torch.device) -> dict[str, Any]:
     error structure, noise-model prediction and the streamed per-token statistics."""
     target = layer.target
     has_hold = layer.holdout.tokens > 0
-    # The dense map is needed for dense targets only: a factored target's errors all come from its factors
-    # (out x in float64 would be 92 MB for a 2048 x 5632 layer, for nothing).
-    W = None if target.factored else target.dense(torch.float64).to(device)  # (out, in)
+    # The dense map is needed for dense targets only (a factored target's errors all come from its factors),
+    # and as stored: the metrics read it in row blocks cast to float64, never a whole float64 copy (92 MB for a
+    # 2048 x 5632 layer).
+    W = None if target.factored else target.weight.to(device)  # (out, in)
     hold_ctx = EnergyContext(target, layer.holdout.gram, W) if has_hold else None
     y_calib, calib_errors = layer.calib_energy
     y_hold = hold_ctx.y if hold_ctx is not None else 0.0

@@ -60,8 +60,15 @@ class EnergyContext:
             self.G_a = self.AC @ self.A.T  # (r, r)
             self.y = float(((self.sB @ self.G_a) * self.sB).sum())
         else:
-            self.WC = W @ self.C if WC is None else WC  # (out, in)
-            self.y = float((self.WC * W).sum())
+            # W may be the stored float32 map: it is read in row blocks, each cast to float64 on the way, so no
+            # float64 copy of the whole (out, in) matrix is held beside W C.
+            if WC is None:
+                WC = torch.empty(W.shape, dtype=torch.float64, device=W.device)  # (out, in)
+                for rows in row_blocks(W.shape[0]):
+                    torch.matmul(W[rows].to(torch.float64), self.C, out=WC[rows])
+            self.WC = WC
+            self.y = sum(float((self.WC[rows] * W[rows].to(torch.float64)).sum())
+                         for rows in row_blocks(W.shape[0]))
 
     @torch.no_grad()
     def energies(self, approx: Approximation) -> tuple[float, float, float]:
@@ -70,7 +77,7 @@ class EnergyContext:
             err = inner = 0.0
             for rows in row_blocks(approx.weight.shape[0]):  # float64 temporaries of a few rows, not (out, in)
                 W_hat = approx.weight[rows].to(torch.float64)
-                E = W_hat - self.W[rows]
+                E = W_hat - self.W[rows].to(torch.float64)
                 err += float(((E @ self.C) * E).sum())
                 inner += float((self.WC[rows] * W_hat).sum())
             return err, err - self.y + 2 * inner, inner
@@ -127,16 +134,16 @@ def approximation_error_structure(target: Target, approx: Approximation, W: torc
         S = lowrank_svd(L, R, compute_uv=False).S
         return _structure_from_sigma_sq(S.square())
     if approx.weight is None:
-        return error_structure(approx.dense(torch.float64).to(W.device) - W)
+        return error_structure(approx.dense(torch.float64).to(W.device).sub_(W))  # in place: one (out, in)
     # A dense rounding: E's Gram matrix summed over blocks of E, never the whole float64 E.
     out, inp = W.shape
     gram = torch.zeros(min(out, inp), min(out, inp), dtype=torch.float64, device=W.device)
     for part in row_blocks(out if out > inp else inp):
         if out > inp:  # Eᵀ E = Σ over row blocks
-            E = approx.weight[part].to(W.device, torch.float64) - W[part]
+            E = approx.weight[part].to(W.device, torch.float64) - W[part].to(torch.float64)
             gram.addmm_(E.T, E)
         else:  # E Eᵀ = Σ over column blocks
-            E = approx.weight[:, part].to(W.device, torch.float64) - W[:, part]
+            E = approx.weight[:, part].to(W.device, torch.float64) - W[:, part].to(torch.float64)
             gram.addmm_(E, E.T)
     return _structure_from_sigma_sq(torch.linalg.eigvalsh(gram).clamp_min(0))
 
