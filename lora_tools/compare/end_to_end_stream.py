@@ -32,30 +32,10 @@ from lora_tools.compare.end_to_end import (
 from lora_tools.compare.variants_plan import VariantPlan
 from lora_tools.errors import InvalidOptionError, ModuleMismatchError
 from lora_tools.memory import release_free_memory
-from lora_tools.model.feed import block_index
+from lora_tools.model.feed import group_by_block
 from lora_tools.model.stream import run_block
 
 BASE = 1  # slot of the base model's hidden states; 0 is the reference adapter's, 2.. the variants'
-
-
-def modules_by_block(stream: Any, modules: Mapping[str, Any],
-                     model_names: Mapping[str, str]) -> tuple[dict[int, list[str]], list[str]]:
-    """(decoder block index -> the adapter modules in it, the modules that are the LM head), in ``modules``
-    order; any other module outside the blocks is refused (as ``model.feed.StreamedFeed`` does)."""
-    by_block: dict[int, list[str]] = {}
-    head_names: list[str] = []
-    head = stream.model.get_output_embeddings()
-    for name in modules:
-        index = block_index(model_names[name])
-        if index is None and head is not None and modules[name] is head:
-            head_names.append(name)
-        elif index is None:
-            raise InvalidOptionError(f"module {name} ({model_names[name]}) is outside the decoder blocks "
-                                     "(model.layers.N) and is not the LM head; streaming compares the blocks' "
-                                     "layers and lm_head only: use --offload never")
-        else:
-            by_block.setdefault(index, []).append(name)
-    return by_block, head_names
 
 
 @torch.no_grad()
@@ -74,7 +54,7 @@ def evaluate_variants_streamed(stream: Any, modules: Mapping[str, torch.nn.Modul
     if set(plan.names) != set(modules):
         raise ModuleMismatchError("the variant plan and the hooked modules differ (every variant must cover "
                                   "exactly the modules being hooked)")
-    by_block, head_names = modules_by_block(stream, modules, model_names)
+    by_block, head_names = group_by_block(modules, model_names, stream.model.get_output_embeddings())
     batches = list(iter_batches(sequences, batch_size, pad_id, device))
     kwargs, states = [], [[] for _ in range(len(plan.variants) + 1)]
     for ids, mask in batches:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lora_tools.errors import InvalidOptionError
-from lora_tools.model.stream import STREAMABLE, StreamError, open_checkpoint
+from lora_tools.model.stream import STREAMABLE, StreamError, is_gguf_file, open_checkpoint
 
 MODES = ("auto", "never", "always")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -97,7 +97,7 @@ def plan_offload(base: Path, mode: str, max_memory: int | None, device: torch.de
         raise InvalidOptionError(f"--offload: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "never":
         return OffloadPlan(mode, False, "--offload never")
-    gguf = base.suffix.lower() == ".gguf" and not base.is_dir()
+    gguf = is_gguf_file(base)
     if not base.is_dir() and not gguf:
         if mode == "always":
             raise StreamError(f"{base}: --offload always streams safetensors checkpoints or .gguf model files "
@@ -151,7 +151,7 @@ def load_planned(base: Path, mode: str, max_memory: int | None, device: torch.de
         plan_sink(plan.describe())
     from lora_tools.model.stream import StreamedModel
 
-    tokenizer = _gguf_tokenizer(base) if base.suffix.lower() == ".gguf" else load_tokenizer(base)  # fails fast
+    tokenizer = _gguf_tokenizer(base) if is_gguf_file(base) else load_tokenizer(base)  # fails fast
     stream = StreamedModel(base, device, dtype)
     return stream.model, tokenizer, stream, plan
 

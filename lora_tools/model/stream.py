@@ -4,7 +4,8 @@ This is how GPTQ/AWQ calibrate bases larger than memory (llm-compressor's sequen
 the model skeleton without weights (meta device), load the embeddings, catch what the first decoder block receives
 (hidden states plus the keyword arguments the model builds for every block: attention mask, rotary position
 embeddings, position ids), then for each block load just its tensors from the safetensors shards (or dequantize
-them from a ``.gguf`` file: ``gguf_stream``), run every batch through it, free it and carry the hidden states on. The final norm and LM head give the logits.
+them from a ``.gguf`` file: ``gguf_stream``), run every batch through it, free it and carry the hidden states on.
+The final norm and LM head give the logits.
 
 Only the forward of the model's own modules runs: the same kernels, shapes and order as an in-memory forward, so a
 streamed run gives the same numbers (the tests hold them to 1e-5).
@@ -91,10 +92,15 @@ class Checkpoint:
                     yield key, handle.get_tensor(key)
 
 
+def is_gguf_file(base: Path) -> bool:
+    """Whether a base is a ``.gguf`` model file (streamed through ``gguf_stream``), not a folder."""
+    return base.suffix.lower() == ".gguf" and not base.is_dir()
+
+
 def open_checkpoint(base: Path) -> Any:
     """The tensor source of a base: a safetensors folder (``Checkpoint``) or a ``.gguf`` model file
     (``lora_tools.model.gguf_stream.GGUFCheckpoint``, same interface)."""
-    if base.suffix.lower() == ".gguf" and not base.is_dir():
+    if is_gguf_file(base):
         from lora_tools.model.gguf_stream import read_gguf_checkpoint
 
         return read_gguf_checkpoint(base)
