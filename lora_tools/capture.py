@@ -91,10 +91,11 @@ class CovarianceAccumulator:
             for panel, start in zip(self._panels, starts, strict=True):
                 panel += (x32[:, start:].T @ x32[:, start:start + panel.shape[1]]).to(torch.float64)
         else:  # on a GPU, or more tokens after C was read: the full matrix
-            gram = self.gram if self._gram is None and self._panels is not None else self._gram
-            if gram is None:
-                gram = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
-            self._gram = gram
+            if self._panels is not None:
+                self._gram, self._panels = self._assemble(self._panels), None
+            if self._gram is None:
+                self._gram = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+            gram = self._gram
             if x.device.type == "cpu":
                 x32 = x.to(torch.float32)
                 for start in range(0, self.dim, GRAM_BLOCK):

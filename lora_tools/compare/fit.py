@@ -23,6 +23,7 @@ from lora_tools.compare.methods import (
     quantize_target,
     svd_truncation,
     target_svd,
+    weight_gram,
 )
 from lora_tools.compare.metrics import OutputErrorStats
 from lora_tools.quant import QuantScheme
@@ -34,11 +35,15 @@ def fit_layer(layer: Any, schemes: Sequence[QuantScheme], ranks: Sequence[int], 
     statistics and error maps the held-out pass fills (``compare.evaluate``)."""
     target = layer.target
     C = layer.calib.gram
-    eigen = output_eigen(target, C)
+    # A dense layer with more outputs than inputs needs Wᵀ W for both its truncations and its output eigenbasis:
+    # formed once. (When out <= in the output eigenbasis does not use W Wᵀ, so it is not held during that fit.)
+    gram = weight_gram(target) if not target.factored and target.shape[0] > target.shape[1] else None
+    eigen = output_eigen(target, C, gram)
     total = eigen.total_energy
     layer.optimal = [math.sqrt(eigen.tail_energy(k) / total) if total > 0 else math.nan
                      for k in range(target.max_rank + 1)]
-    svd = target_svd(target)
+    svd = target_svd(target, gram)
+    del gram
     approximations: list[Approximation] = []
     entries: list[tuple[int, str | None]] = []  # (index into approximations, equal_budget_to)
     lowrank: dict[tuple[str, int], int] = {}

@@ -175,17 +175,23 @@ class TargetSVD:
 
 
 @torch.no_grad()
-def target_svd(target: Target) -> TargetSVD:
-    """Exact SVD from the factors for ΔW (no out x in SVD); the smaller Gram's eigenpairs for a dense target."""
+def weight_gram(target: Target) -> torch.Tensor:
+    """The smaller Gram matrix of a dense target, float64: W Wᵀ when out <= in, else Wᵀ W."""
+    W = target.weight.to(torch.float64)
+    return W @ W.T if W.shape[0] <= W.shape[1] else W.T @ W
+
+
+@torch.no_grad()
+def target_svd(target: Target, gram: torch.Tensor | None = None) -> TargetSVD:
+    """Exact SVD from the factors for ΔW (no out x in SVD); the smaller Gram's eigenpairs for a dense target
+    (``gram``: ``weight_gram(target)`` when the caller has it already)."""
     if target.factored:
         from lora_tools.linalg import lowrank_svd
 
         svd = lowrank_svd(target.B, target.A, target.scale, dtype=torch.float64)
         return TargetSVD(svd.U, svd.S, svd.Vh)
-    W = target.weight.to(torch.float64)
-    side = "left" if W.shape[0] <= W.shape[1] else "right"
-    gram = W @ W.T if side == "left" else W.T @ W
-    values, vectors = torch.linalg.eigh(gram)
+    side = "left" if target.shape[0] <= target.shape[1] else "right"
+    values, vectors = torch.linalg.eigh(weight_gram(target) if gram is None else gram)
     return TargetSVD(basis=vectors.flip(1), sigma_sq=values.flip(0).clamp_min(0), side=side)
 
 
@@ -222,12 +228,12 @@ class OutputEigen:
 
 
 @torch.no_grad()
-def output_eigen(target: Target, C: torch.Tensor) -> OutputEigen:
+def output_eigen(target: Target, C: torch.Tensor, gram: torch.Tensor | None = None) -> OutputEigen:
     """Eigenpairs of W C Wᵀ (out x out) — through an r x r core when W = s·B·A is factored.
 
     Factored: B = Q R (thin QR, Q: (out, r)), so W C Wᵀ = Q (s² R G Rᵀ) Qᵀ with G = A C Aᵀ (r x r); the core's
     eigenvectors V give U = Q V. Dense: eigh of the (out, out) matrix when out <= in, else an (in, in) eigenproblem
-    and a QR (below).
+    and a QR (below), which starts from Wᵀ W (``gram``: ``weight_gram(target)`` when the caller has it already).
     """
     C = C.to(torch.float64)
     if target.factored:
@@ -247,10 +253,9 @@ def output_eigen(target: Target, C: torch.Tensor) -> OutputEigen:
             # of the (out, in) W L — whose LAPACK workspace alone is ~230 MB for 5632 x 2048 — a QR of W L V: its
             # first k columns are an orthonormal basis of that span for every k at once (what activation_aware
             # projects on), without dividing by small singular values.
-            c_values, c_vectors = torch.linalg.eigh(C)  # C is symmetric: eigh reads its lower triangle
-            L = c_vectors.mul_(c_values.clamp_min(0).sqrt())  # (in, in)
-            del c_vectors
-            K = L.T @ (W.T @ W) @ L  # (in, in)
+            c_values, L = torch.linalg.eigh(C)  # C is symmetric: eigh reads its lower triangle
+            L.mul_(c_values.clamp_min(0).sqrt())  # (in, in): C = L Lᵀ
+            K = L.T @ (W.T @ W if gram is None else gram) @ L  # (in, in)
             values, V = torch.linalg.eigh(K)
             del K
             values, V = values.flip(0), V.flip(1)

@@ -195,7 +195,6 @@ class CompareJob:
                                          seconds_reading=round(self.stream.seconds_reading, 3))
         return report
 
-
     def _layer_by_layer(self, feed: Any, layers: list[Layer], factors: dict[str, Any],
                         rows: dict[str, dict[str, Any]], advance: Callable[[int], None]) -> None:
         """A streamed block of dense targets (``--target base|merged``), one layer at a time: the held-out split

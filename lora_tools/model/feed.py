@@ -171,7 +171,6 @@ class StreamedFeed:
         self.states[split] = carried
         self._done.add(split)
 
-
     @torch.no_grad()
     def _into_head(self, split: str, callback: Callback) -> None:
         """The head's inputs: the final norm of the last block's output, real tokens only. No hook: the same
