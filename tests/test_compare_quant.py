@@ -428,6 +428,9 @@ def test_dense_rounding_metrics_in_blocks_equal_the_whole_matrix(shape: tuple[in
     assert err == pytest.approx(float((E @ X).norm() ** 2), rel=1e-9)
     assert inner == pytest.approx(float(((W @ X) * (approx.dense() @ X)).sum()), rel=1e-9)
     assert approximation_error_structure(target, approx, W) == pytest.approx(error_structure(E), rel=1e-9)
+    act = activation_aware(target, output_eigen(target, C), 3)  # a low-rank Ŵ: its blocks come from the factors
+    assert approximation_error_structure(target, act, W) == pytest.approx(error_structure(act.dense() - W),
+                                                                          rel=1e-9)
     step = approx.steps["W"].to(torch.float64)
     expected = float((step.square() @ torch.diagonal(C)).sum()) / 12.0
     assert uniform_noise_prediction(approx, target, C) == pytest.approx(expected, rel=1e-12)

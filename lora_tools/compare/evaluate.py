@@ -53,10 +53,9 @@ def measure_calibration(layer: Any, device: torch.device, keep_span: bool) -> No
     # and as stored: the metrics read it in row blocks cast to float64, never a whole float64 copy (92 MB for a
     # 2048 x 5632 layer).
     W = None if target.factored else target.weight.to(device)  # (out, in)
-    context = EnergyContext(target, C_calib, W, WC=layer.eigen.WC)  # W C as the fit computed it, if it did
+    context = EnergyContext(target, C_calib, W)
     errors = []
-    for approx in layer.approximations:
-        err_calib, _, _ = context.energies(approx)
+    for approx, (err_calib, _, _) in zip(layer.approximations, context.measure(layer.approximations), strict=True):
         if approx.method == "svd-act":
             expected = layer.eigen.tail_energy(approx.rank)
             if abs(err_calib - expected) > OPTIMAL_CHECK_RTOL * context.y + 1e-300:
@@ -84,12 +83,14 @@ def finalize_layer(layer: Any, device: torch.device) -> dict[str, Any]:
     # 2048 x 5632 layer).
     W = None if target.factored else target.weight.to(device)  # (out, in)
     hold_ctx = EnergyContext(target, layer.holdout.gram, W) if has_hold else None
+    held_out = (hold_ctx.measure(layer.approximations) if hold_ctx is not None
+                else [(0.0, 0.0, 0.0)] * len(layer.approximations))
     y_calib, calib_errors = layer.calib_energy
     y_hold = hold_ctx.y if hold_ctx is not None else 0.0
     computed = []
     for i, (approx, stats) in enumerate(zip(layer.approximations, layer.stats, strict=True)):
         err_calib = calib_errors[i]
-        err_hold, y_hat_hold, inner = hold_ctx.energies(approx) if hold_ctx is not None else (0.0, 0.0, 0.0)
+        err_hold, y_hat_hold, inner = held_out[i]
         stable_rank, top1 = approximation_error_structure(target, approx, W)
         predicted = (uniform_noise_prediction(approx, target, layer.holdout.gram) if has_hold
                      else layer.calib_noise[i])

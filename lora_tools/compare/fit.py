@@ -21,6 +21,7 @@ from lora_tools.compare.methods import (
     equal_budget_rank,
     output_eigen,
     quantize_target,
+    scheme_bytes,
     svd_truncation,
     target_svd,
     weight_gram,
@@ -38,11 +39,16 @@ def fit_layer(layer: Any, schemes: Sequence[QuantScheme], ranks: Sequence[int], 
     # A dense layer with more outputs than inputs needs Wᵀ W for both its truncations and its output eigenbasis:
     # formed once. (When out <= in the output eigenbasis does not use W Wᵀ, so it is not held during that fit.)
     gram = weight_gram(target) if not target.factored and target.shape[0] > target.shape[1] else None
-    eigen = output_eigen(target, C, gram)
+    # The widest truncation any row needs: a dense target's bases are kept to that many vectors (for a 2048 x 5632
+    # layer, 750 of 2048 at int8-channel's equal budget), which the eigenvalues (all of them) do not limit.
+    keep = max([rank for rank in ranks if rank <= target.max_rank]
+               + [equal_budget_rank(target.shape, scheme_bytes(target, scheme), target.max_rank)
+                  for scheme in schemes] + [1])
+    eigen = output_eigen(target, C, gram, keep)
     total = eigen.total_energy
     layer.optimal = [math.sqrt(eigen.tail_energy(k) / total) if total > 0 else math.nan
                      for k in range(target.max_rank + 1)]
-    svd = target_svd(target, gram)
+    svd = target_svd(target, gram, keep)
     del gram
     approximations: list[Approximation] = []
     entries: list[tuple[int, str | None]] = []  # (index into approximations, equal_budget_to)
@@ -75,8 +81,8 @@ def fit_layer(layer: Any, schemes: Sequence[QuantScheme], ranks: Sequence[int], 
     plotted = {i for i, budget in entries if budget is not None or approximations[i].steps}
     layer.stats = [OutputErrorStats(device, entry_rms, entry_histogram=i in plotted)
                    for i in range(len(approximations))]
-    # Kept for the built-in check in evaluate.measure_calibration (which drops it): the eigenvalues and W C, not
-    # the (out, m) eigenvectors every approximation is now built from.
-    layer.eigen = OutputEigen(eigen.values, None, eigen.WC)
+    # Kept for the built-in check in evaluate.measure_calibration (which drops it): the eigenvalues, not the
+    # eigenvectors every approximation is now built from.
+    layer.eigen = OutputEigen(eigen.values, None)
     layer.error_maps = [ErrorMap(target, approx) for approx in approximations]
 

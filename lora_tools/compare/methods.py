@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lora_tools.calibration import activation_aware_factors
+from lora_tools.compare import blocked
 from lora_tools.quant import QuantScheme, fake_quantize, quantized_bytes
 
 FP16_BYTES = 2
@@ -141,17 +142,24 @@ def equal_budget_rank(shape: tuple[int, int], budget: int, max_rank: int) -> int
     return max(0, min(max_rank, budget // ((shape[0] + shape[1]) * FP16_BYTES)))
 
 
+def scheme_bytes(target: Target, scheme: QuantScheme) -> int:
+    """Bytes of the target stored with ``scheme`` (its factors B and A when factored)."""
+    if target.factored:
+        return quantized_bytes(tuple(target.B.shape), scheme) + quantized_bytes(tuple(target.A.shape), scheme)
+    return quantized_bytes(target.shape, scheme)
+
+
 @torch.no_grad()
 def quantize_target(target: Target, scheme: QuantScheme) -> Approximation:
     """Round the target (or, when factored, its factors B and A) with ``scheme``."""
+    size = scheme_bytes(target, scheme)
     if target.factored:
         B_q, step_B = fake_quantize(target.B.float(), scheme)  # (out, r)
         A_q, step_A = fake_quantize(target.A.float(), scheme)  # (r, in)
-        size = quantized_bytes(tuple(target.B.shape), scheme) + quantized_bytes(tuple(target.A.shape), scheme)
         return Approximation(scheme.name, size, left=B_q, right=A_q, scale=target.scale,
                              steps={"B": step_B, "A": step_A})
     W_q, step = fake_quantize(target.weight.float(), scheme)
-    return Approximation(scheme.name, quantized_bytes(target.shape, scheme), weight=W_q, steps={"W": step})
+    return Approximation(scheme.name, size, weight=W_q, steps={"W": step})
 
 
 @dataclass(frozen=True)
@@ -159,8 +167,9 @@ class TargetSVD:
     """The target's singular structure in float64, descending.
 
     Factored targets: the exact thin SVD U (out, m), S (m,), Vh (m, in) from the factors (QR + core SVD).
-    Dense targets: the eigenpairs of the smaller Gram matrix only — ``basis`` holds the left singular vectors
-    (``side`` "left", out <= in: eigenvectors of W Wᵀ) or the right ones ("right": of Wᵀ W), ``sigma_sq`` the σ².
+    Dense targets: the eigenpairs of the smaller Gram matrix only — ``basis`` holds the leading left singular
+    vectors (``side`` "left", out <= in: eigenvectors of W Wᵀ) or right ones ("right": of Wᵀ W), as many as the
+    caller keeps, ``sigma_sq`` all the σ².
     A rank-k truncation is then the projection of W onto the top k of them, U_k (U_kᵀ W) or (W V_k) V_kᵀ, which is
     the truncated SVD (Eckart–Young) without the other side's vectors; an error in the computed subspace changes
     the approximation's error only to second order. For a 2048 x 5632 layer this is ~4x cheaper than the SVD.
@@ -177,22 +186,29 @@ class TargetSVD:
 @torch.no_grad()
 def weight_gram(target: Target) -> torch.Tensor:
     """The smaller Gram matrix of a dense target, float64: W Wᵀ when out <= in, else Wᵀ W."""
-    W = target.weight.to(torch.float64)
-    return W @ W.T if W.shape[0] <= W.shape[1] else W.T @ W
+    return blocked.gram(target.weight)
+
+
+def _leading(values: torch.Tensor, vectors: torch.Tensor, keep: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """eigh's ascending pairs -> all values descending and the top ``keep`` vectors (all when None), as a copy
+    that does not keep the full basis alive."""
+    count = vectors.shape[1] if keep is None else min(keep, vectors.shape[1])
+    return values.flip(0), vectors[:, vectors.shape[1] - count:].flip(1).clone()
 
 
 @torch.no_grad()
-def target_svd(target: Target, gram: torch.Tensor | None = None) -> TargetSVD:
+def target_svd(target: Target, gram: torch.Tensor | None = None, keep: int | None = None) -> TargetSVD:
     """Exact SVD from the factors for ΔW (no out x in SVD); the smaller Gram's eigenpairs for a dense target
-    (``gram``: ``weight_gram(target)`` when the caller has it already)."""
+    (``gram``: ``weight_gram(target)`` when the caller has it already; ``keep``: the most leading singular vectors
+    any truncation will use, default all)."""
     if target.factored:
         from lora_tools.linalg import lowrank_svd
 
         svd = lowrank_svd(target.B, target.A, target.scale, dtype=torch.float64)
         return TargetSVD(svd.U, svd.S, svd.Vh)
     side = "left" if target.shape[0] <= target.shape[1] else "right"
-    values, vectors = torch.linalg.eigh(weight_gram(target) if gram is None else gram)
-    return TargetSVD(basis=vectors.flip(1), sigma_sq=values.flip(0).clamp_min(0), side=side)
+    values, vectors = _leading(*torch.linalg.eigh(weight_gram(target) if gram is None else gram), keep)
+    return TargetSVD(basis=vectors, sigma_sq=values.clamp_min(0), side=side)
 
 
 def svd_truncation(target: Target, svd: TargetSVD, rank: int) -> Approximation:
@@ -202,9 +218,12 @@ def svd_truncation(target: Target, svd: TargetSVD, rank: int) -> Approximation:
         left, right, tail = svd.U[:, :k] * svd.S[:k], svd.Vh[:k].clone(), svd.S[k:].square()
     else:
         k = min(rank, svd.sigma_sq.numel())
+        if k > svd.basis.shape[1]:
+            raise ValueError(f"rank {k} needs more singular vectors than the {svd.basis.shape[1]} kept")
         basis = svd.basis[:, :k].clone()
-        W = target.weight.to(torch.float64)
-        left, right = (basis, basis.T @ W) if svd.side == "left" else (W @ basis, basis.T.contiguous())
+        W = target.weight  # as stored: read in row blocks (compare/blocked.py)
+        left, right = ((basis, blocked.times_weight(basis.T, W)) if svd.side == "left"
+                       else (blocked.weight_times(W, basis), basis.T.contiguous()))
         tail = svd.sigma_sq[k:]
     return Approximation("svd", lowrank_bytes(target.shape, rank), rank=rank, left=left, right=right,
                          error_sigma_sq=tail.clone())
@@ -212,11 +231,10 @@ def svd_truncation(target: Target, svd: TargetSVD, rank: int) -> Approximation:
 
 @dataclass(frozen=True)
 class OutputEigen:
-    """Eigendecomposition of W C Wᵀ, descending: values (m,), vectors (out, m) orthonormal."""
+    """Eigendecomposition of W C Wᵀ, descending: values (m,), the leading vectors (out, k <= m) orthonormal."""
 
     values: torch.Tensor
     vectors: torch.Tensor | None  # None once the approximations are built (compare.fit)
-    WC: torch.Tensor | None = None  # W C of a dense target (out <= in), reused by the calibration energies
 
     def tail_energy(self, rank: int) -> float:
         """Σ_{i>k} λ_i: the optimal output error² at rank k (clamped at 0: tiny negative λ are rounding)."""
@@ -228,24 +246,25 @@ class OutputEigen:
 
 
 @torch.no_grad()
-def output_eigen(target: Target, C: torch.Tensor, gram: torch.Tensor | None = None) -> OutputEigen:
+def output_eigen(target: Target, C: torch.Tensor, gram: torch.Tensor | None = None,
+                 keep: int | None = None) -> OutputEigen:
     """Eigenpairs of W C Wᵀ (out x out) — through an r x r core when W = s·B·A is factored.
 
     Factored: B = Q R (thin QR, Q: (out, r)), so W C Wᵀ = Q (s² R G Rᵀ) Qᵀ with G = A C Aᵀ (r x r); the core's
     eigenvectors V give U = Q V. Dense: eigh of the (out, out) matrix when out <= in, else an (in, in) eigenproblem
-    and a QR (below), which starts from Wᵀ W (``gram``: ``weight_gram(target)`` when the caller has it already).
+    and a QR (below), which starts from Wᵀ W (``gram``: ``weight_gram(target)`` when the caller has it already);
+    all the eigenvalues, and the top ``keep`` eigenvectors (default all). The stored W is read in row blocks
+    (compare/blocked.py): no float64 copy of it is held.
     """
     C = C.to(torch.float64)
     if target.factored:
         vectors, values, _ = activation_aware_factors(target.B, target.A, target.scale, C)
     else:
-        W = target.weight.to(torch.float64)
+        W = target.weight
         if W.shape[0] <= W.shape[1]:
-            WC = W @ C  # (out, in)
-            M = WC @ W.T  # (out, out), symmetric up to rounding: eigh reads its lower triangle only
-            del W
-            values, vectors = torch.linalg.eigh(M)
-            return OutputEigen(values.flip(0), vectors.flip(1), WC)
+            M = blocked.sandwich(W, C)  # (out, out), symmetric up to rounding: eigh reads its lower triangle
+            values, vectors = _leading(*torch.linalg.eigh(M), keep)
+            return OutputEigen(values, vectors)
         else:
             # More outputs than inputs (gate/up projections): W C Wᵀ = (W L)(W L)ᵀ with C = L Lᵀ, so its nonzero
             # eigenvalues are those of the (in, in) matrix Lᵀ (Wᵀ W) L = V Λ Vᵀ, and its top-k eigenvectors span
@@ -255,20 +274,22 @@ def output_eigen(target: Target, C: torch.Tensor, gram: torch.Tensor | None = No
             # projects on), without dividing by small singular values.
             c_values, L = torch.linalg.eigh(C)  # C is symmetric: eigh reads its lower triangle
             L.mul_(c_values.clamp_min(0).sqrt())  # (in, in): C = L Lᵀ
-            K = L.T @ (W.T @ W if gram is None else gram) @ L  # (in, in)
-            values, V = torch.linalg.eigh(K)
+            K = L.T @ (weight_gram(target) if gram is None else gram) @ L  # (in, in)
+            values, V = _leading(*torch.linalg.eigh(K), keep)
             del K
-            values, V = values.flip(0), V.flip(1)
-            vectors, _ = torch.linalg.qr(W @ (L @ V))  # (out, in)
+            # Q's first k columns depend on the first k columns of W L V only: the QR of the kept ones suffices.
+            vectors, _ = torch.linalg.qr(blocked.weight_times(W, L @ V))  # (out, keep)
     return OutputEigen(values, vectors)
 
 
 def activation_aware(target: Target, eigen: OutputEigen, rank: int) -> Approximation:
     """Ŵ = U_k (U_kᵀ W): stored as U_k (out, k) and U_kᵀ W (k, in)."""
+    if not target.factored and rank > eigen.vectors.shape[1]:
+        raise ValueError(f"rank {rank} needs more eigenvectors than the {eigen.vectors.shape[1]} kept")
     U_k = eigen.vectors[:, :rank].clone()  # (out, k); a copy: the full (out, m) basis need not outlive the fit
     if target.factored:
         right = target.scale * ((U_k.T @ target.B.to(torch.float64)) @ target.A.to(torch.float64))
     else:
-        right = U_k.T @ target.weight.to(torch.float64)
+        right = blocked.times_weight(U_k.T, target.weight)
     return Approximation("svd-act", lowrank_bytes(target.shape, rank), rank=rank, left=U_k, right=right)
 

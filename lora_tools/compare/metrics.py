@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from lora_tools.compare.blocked import row_blocks
 from lora_tools.compare.methods import Approximation, Target
 
 # Per-token relative error ‖Δy_t‖ / ‖y_t‖: 10^-8 .. 10^4 in 2400 bins (0.005 decades ≈ 1.2% per bin).
@@ -26,31 +27,21 @@ ENTRY_BINS = 200
 RAW_SHIFT = 17
 
 
-@torch.no_grad()
-def output_energy(E: torch.Tensor, C: torch.Tensor) -> float:
-    """tr(E C Eᵀ) = ‖E X‖_F² (E: (out, in), C: (in, in)), float64."""
-    E = E.to(torch.float64)
-    return float(((E @ C.to(torch.float64)) * E).sum())
-
-
-def _quadratic(L: torch.Tensor, R: torch.Tensor, C: torch.Tensor) -> float:
-    """tr(L R C Rᵀ Lᵀ) for a factored matrix L R (L: (out, k), R: (k, in)): a k x k problem after R C Rᵀ."""
-    G = R @ C @ R.T  # (k, k)
-    return float(((L @ G) * L).sum())
-
-
 class EnergyContext:
     """Per layer and per C: what every method's energies share, computed once.
 
     For a factored target ΔW = s·B·A, the right factors of ``svd`` and ``svd-act`` lie in the row space of A, so
     with Aᵀ = Q R (Q: (in, r)) everything about them reduces to the r x r matrix Q_ᵀ C Q; quantized factors A_q
-    leave that space and need one (r, in) @ (in, in) product each. Dense targets share W C.
+    leave that space and need one (r, in) @ (in, in) product each. A dense target's methods are measured together
+    in one pass over blocks of W's rows (``measure``): each block's W C rows are shared by all of them and dropped,
+    so neither W C nor a float64 copy of W is held (92 MB each for a 2048 x 5632 layer).
     """
 
-    def __init__(self, target: Target, C: torch.Tensor, W: torch.Tensor, WC: torch.Tensor | None = None) -> None:
+    def __init__(self, target: Target, C: torch.Tensor, W: torch.Tensor | None) -> None:
         self.target = target
         self.C = C.to(torch.float64)
-        self.W = W
+        self.W = W  # the dense map as stored (float32), read in row blocks
+        self._y: float | None = None
         if target.factored:
             self.sB = target.scale * target.B.to(torch.float64)  # (out, r)
             self.A = target.A.to(torch.float64)  # (r, in)
@@ -58,35 +49,62 @@ class EnergyContext:
             self.C_q = self.Q.T @ self.C @ self.Q  # (r, r)
             self.AC = self.A @ self.C  # (r, in)
             self.G_a = self.AC @ self.A.T  # (r, r)
-            self.y = float(((self.sB @ self.G_a) * self.sB).sum())
-        else:
-            # W may be the stored float32 map: it is read in row blocks, each cast to float64 on the way, so no
-            # float64 copy of the whole (out, in) matrix is held beside W C.
-            if WC is None:
-                WC = torch.empty(W.shape, dtype=torch.float64, device=W.device)  # (out, in)
-                for rows in row_blocks(W.shape[0]):
-                    torch.matmul(W[rows].to(torch.float64), self.C, out=WC[rows])
-            self.WC = WC
-            self.y = sum(float((self.WC[rows] * W[rows].to(torch.float64)).sum())
-                         for rows in row_blocks(W.shape[0]))
+            self._y = float(((self.sB @ self.G_a) * self.sB).sum())
 
-    @torch.no_grad()
+    @property
+    def y(self) -> float:
+        """‖W X‖² (a dense target's comes with ``measure``; alone it costs one pass over W)."""
+        if self._y is None:
+            self.measure([])
+        return self._y  # type: ignore[return-value]
+
     def energies(self, approx: Approximation) -> tuple[float, float, float]:
         """(‖E X‖², ‖Ŵ X‖², <W X, Ŵ X>) for Ŵ = approx and E = Ŵ − W (float64)."""
-        if approx.weight is not None:  # dense rounding of a dense target
-            err = inner = 0.0
-            for rows in row_blocks(approx.weight.shape[0]):  # float64 temporaries of a few rows, not (out, in)
-                W_hat = approx.weight[rows].to(torch.float64)
-                E = W_hat - self.W[rows].to(torch.float64)
-                err += float(((E @ self.C) * E).sum())
-                inner += float((self.WC[rows] * W_hat).sum())
-            return err, err - self.y + 2 * inner, inner
+        return self.measure([approx])[0]
+
+    @torch.no_grad()
+    def measure(self, approximations: list[Approximation]) -> list[tuple[float, float, float]]:
+        """``energies`` of every approximation (a dense target's in one pass over W)."""
+        if self.target.factored:
+            return [self._factored(approx) for approx in approximations]
+        f64 = torch.float64
+        W, C = self.W, self.C
+        # Per low-rank approximation Ŵ = s·L R: ‖Ŵ X‖² = s² tr(L (R C Rᵀ) Lᵀ), from the (k, k) R C Rᵀ.
+        rights, grams = {}, {}
+        for i, approx in enumerate(approximations):
+            if approx.weight is None:
+                right = rights[i] = approx.right.to(f64)  # (k, in)
+                grams[i] = torch.cat([(right[part] @ C) @ right.T for part in row_blocks(right.shape[0])])
+        y = 0.0
+        err = [0.0] * len(approximations)
+        y_hat = [0.0] * len(approximations)
+        inner = [0.0] * len(approximations)
+        for rows in row_blocks(W.shape[0]):  # float64 temporaries of a few rows, not (out, in)
+            W_rows = W[rows].to(f64)
+            WC_rows = W_rows @ C  # (b, in)
+            y += float((WC_rows * W_rows).sum())
+            for i, approx in enumerate(approximations):
+                if approx.weight is not None:  # dense rounding
+                    W_hat = approx.weight[rows].to(f64)
+                    E = W_hat - W_rows
+                    err[i] += float(((E @ C) * E).sum())
+                    inner[i] += float((WC_rows * W_hat).sum())
+                else:
+                    left = approx.scale * approx.left[rows].to(f64)  # (b, k)
+                    inner[i] += float(((WC_rows @ rights[i].T) * left).sum())
+                    y_hat[i] += float(((left @ grams[i]) * left).sum())
+        self._y = y
+        results = []
+        for i, approx in enumerate(approximations):
+            if approx.weight is not None:
+                results.append((err[i], err[i] - y + 2 * inner[i], inner[i]))
+            else:
+                results.append((max(y + y_hat[i] - 2 * inner[i], 0.0), y_hat[i], inner[i]))
+        return results
+
+    def _factored(self, approx: Approximation) -> tuple[float, float, float]:
         left = approx.scale * approx.left.to(torch.float64)  # (out, k)
         right = approx.right.to(torch.float64)  # (k, in)
-        if not self.target.factored:
-            y_hat = _quadratic(left, right, self.C)
-            inner = float(((self.WC @ right.T) * left).sum())
-            return max(self.y + y_hat - 2 * inner, 0.0), y_hat, inner
         k = right.shape[0]
         if approx.steps:  # quantized factors: A_q is outside A's row space
             RC = right @ self.C  # (k, in)
@@ -99,12 +117,6 @@ class EnergyContext:
         err = float(((L @ G) * L).sum())
         y_hat = float(((left @ G[:k, :k]) * left).sum())
         return err, y_hat, (self.y + y_hat - err) / 2
-
-
-@torch.no_grad()
-def output_inner(W: torch.Tensor, V: torch.Tensor, C: torch.Tensor) -> float:
-    """tr(W C Vᵀ) = <W X, V X>_F."""
-    return float(((W.to(torch.float64) @ C.to(torch.float64)) * V.to(torch.float64)).sum())
 
 
 def snr_db(signal: float, noise: float) -> float:
@@ -133,27 +145,25 @@ def approximation_error_structure(target: Target, approx: Approximation, W: torc
         R = torch.cat([approx.right.to(torch.float64), target.A.to(torch.float64)], dim=0)
         S = lowrank_svd(L, R, compute_uv=False).S
         return _structure_from_sigma_sq(S.square())
-    if approx.weight is None:
-        return error_structure(approx.dense(torch.float64).to(W.device).sub_(W))  # in place: one (out, in)
-    # A dense rounding: E's Gram matrix summed over blocks of E, never the whole float64 E.
+    # A dense target: E's Gram matrix summed over blocks of E, never the whole float64 E (nor Ŵ).
     out, inp = W.shape
     gram = torch.zeros(min(out, inp), min(out, inp), dtype=torch.float64, device=W.device)
     for part in row_blocks(out if out > inp else inp):
         if out > inp:  # Eᵀ E = Σ over row blocks
-            E = approx.weight[part].to(W.device, torch.float64) - W[part].to(torch.float64)
+            E = _dense_block(approx, part, slice(None), W.device) - W[part].to(torch.float64)
             gram.addmm_(E.T, E)
         else:  # E Eᵀ = Σ over column blocks
-            E = approx.weight[:, part].to(W.device, torch.float64) - W[:, part].to(torch.float64)
+            E = _dense_block(approx, slice(None), part, W.device) - W[:, part].to(torch.float64)
             gram.addmm_(E, E.T)
     return _structure_from_sigma_sq(torch.linalg.eigvalsh(gram).clamp_min(0))
 
 
-ROW_BLOCK = 256
-
-
-def row_blocks(count: int, size: int = ROW_BLOCK) -> list[slice]:
-    """Consecutive slices of ``size`` covering ``range(count)``: the unit of the float64 temporaries above."""
-    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
+def _dense_block(approx: Approximation, rows: slice, cols: slice, device: Any) -> torch.Tensor:
+    """Ŵ[rows, cols] in float64 on ``device``, from the dense matrix or the factors (s · L[rows] @ R[:, cols])."""
+    if approx.weight is not None:
+        return approx.weight[rows, cols].to(device, torch.float64)
+    left, right = approx.left[rows].to(device, torch.float64), approx.right[:, cols].to(device, torch.float64)
+    return approx.scale * (left @ right)
 
 
 def _structure_from_sigma_sq(sigma_sq: torch.Tensor) -> tuple[float, float]:
