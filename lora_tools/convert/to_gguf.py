@@ -3,9 +3,10 @@
 Module names become the base's GGUF tensor names through gguf's own name map (kohya names are first resolved to
 module paths as for any conversion); q/k B rows are permuted for Llama-family bases; scales llama.cpp cannot hold
 are baked into B (formats/gguf_write.py). The file is written to a staging path and verified before it is moved into place:
-its tensor bytes are read back and compared as they are written, its header is parsed back, and every module
-whose factors changed on the way (rows reordered, a scale baked in, a cast, Q8_0) is decoded from the file and
-compared with the input (verify_gguf). gguf's own reader and llama.cpp read these files in the tests.
+its header is parsed back (names, alpha, the tensor table and every data offset, the file's size), and every
+tensor that changed on the way (rows reordered, a scale baked in, a cast, Q8_0) is read back from the file as
+it is written, decoded and compared with the input (verify_gguf); the others are the input's stored bytes,
+copied unchanged (formats/gguf_data.py). gguf's own reader and llama.cpp read these files in the tests.
 """
 
 from __future__ import annotations
@@ -110,8 +111,9 @@ def verify_gguf(original: Adapter, path: Path, written: gguf_write.GGUFWritten,
                 tensors: TensorChecks) -> dict[str, Any]:
     """Check the written file against ``original``; raise VerificationError on any loss.
 
-    Every tensor's bytes were read back and compared as they were written (formats/gguf_data.py), the changed
-    ones decoded on the way (TensorChecks), and the header is parsed back here (check_header). A module is
+    The changed tensors were read back, compared and decoded as they were written (formats/gguf_data.py,
+    TensorChecks), the copied ones are the input's stored bytes, and the header is parsed back here
+    (check_header: every tensor's offset and size, the file's end). A module is
     bit-exact when both factors are stored copies or decoded equal to the input's, and the scale llama.cpp
     applies (alpha / r, r = lora_b's first GGUF dimension) equals ours; otherwise the relative difference of
     scale·B·A against the input's must stay under a bound set by the storage type (the rounding of one element

@@ -1,19 +1,28 @@
 """The data section of a GGUF LoRA: stored factor bytes copied in large runs, other tensors encoded one by one,
-every byte read back from the file and compared as soon as it is written.
+the writes done on a thread of their own while the next bytes are read and checked.
 
 Most factors of a LoRA go into a GGUF unchanged (same float type, no reordering, no baked scale). Those are copied
 straight from the input file: tensors that lie back to back in the input and in the output form one run, read in
-CHUNK-sized pieces into one reused buffer, checked for NaN/Inf there, written, then read back from the output at
-the same position and compared byte for byte. Reusing one buffer that fits in the CPU cache keeps the check and
-the comparison off main memory, and avoids the page faults of fresh allocations, which on a virtual machine cost
-more than the copy itself. Tensors that change (q/k rows reordered, a scale baked in, a cast, a quantization) are
-produced by ``encode`` one at a time and written and compared the same way. Writes only ever append, so a region
-compared once is not touched again; the header written before the data is parsed back by the caller.
+CHUNK-sized pieces into a few reused buffers, checked for NaN/Inf there and handed to the writer. Reusing buffers
+that fit in the CPU cache keeps the check off main memory and avoids the page faults of fresh allocations, which
+on a virtual machine cost more than the copy itself. Tensors that change (q/k rows reordered, a scale baked in, a
+cast, a quantization) are produced by ``encode`` one at a time; once written, their bytes are read back from the
+file, compared with what was written and handed to ``check``, which decodes them and compares them with the input.
+Copied bytes are not read back: they are the input's stored bytes, unchanged, so a read-back would only test the
+operating system's write(2); what the code could get wrong about them (where each tensor starts, how long it is)
+the caller checks by parsing the header back and comparing the file's size with the layout.
+
+The writer thread only ever appends, in the order the tensors were handed over; write(2), the reads and the
+vectorised checks release the GIL, so on two cores the write (new page-cache pages, the largest cost) overlaps
+the reading and checking of the next pieces.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import queue
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,37 +94,74 @@ def same_bytes(x: Any, y: Any) -> bool:
     return bool(np.array_equal(x, y))
 
 
-class _Output:
-    """Append-only writes to an open file, each read back at its position and compared."""
+class _Writer:
+    """Appends to an open file on a thread of its own, in the order the pieces are handed over (``submit``).
+
+    A piece may come with ``check(bytes read back)``: it is then read back at its position, compared with what
+    was written and handed to ``check``, on the writer thread. ``release()`` runs once a piece is done with (also
+    after an error), so the buffers it came from can be reused. The first error stops the writing; ``submit``
+    and ``close`` raise it in the calling thread."""
+
+    DEPTH = 8  # pieces waiting to be written, at most
 
     def __init__(self, fd: int, position: int, path: Path):
         import numpy as np
 
         self.fd, self.position, self.path = fd, position, path
+        self.error: BaseException | None = None
         self._back = np.empty(CHUNK, dtype=np.uint8)
+        self._tasks: queue.Queue[Any] = queue.Queue(self.DEPTH)
+        self._thread = threading.Thread(target=self._run, name="gguf-writer", daemon=True)
+        self._thread.start()
 
-    def write(self, data: Any) -> Any:
-        """Append ``data``; return the bytes read back (a view of a reused buffer, valid until the next write)."""
+    def submit(self, data: Any, check: Callable[[Any], None] | None = None,
+               release: Callable[[], None] | None = None) -> None:
+        if self.error is not None:
+            if release is not None:
+                release()
+            raise self.error
+        self._tasks.put((data, check, release))
+
+    def pad(self, nbytes: int) -> None:
+        if padded(nbytes) > nbytes:
+            self.submit(bytes(padded(nbytes) - nbytes))
+
+    def close(self, raise_error: bool = True) -> int:
+        """Wait for every piece to be written; return the end of the file (raise the writer's error)."""
+        self._tasks.put(None)
+        self._thread.join()
+        if raise_error and self.error is not None:
+            raise self.error
+        return self.position
+
+    def _run(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            data, check, release = task
+            try:
+                if self.error is None:
+                    self._append(data, check)
+            except BaseException as exc:  # re-raised in the calling thread
+                self.error = exc
+            finally:
+                if release is not None:
+                    release()
+
+    def _append(self, data: Any, check: Callable[[Any], None] | None) -> None:
         import numpy as np
 
         view = memoryview(data).cast("B")
         done = 0
         while done < len(view):
             done += os.write(self.fd, view[done:])
-        if len(self._back) < len(view):
-            self._back = np.empty(len(view), dtype=np.uint8)
-        back = self._back[:len(view)]
-        if os.preadv(self.fd, [back], self.position) != len(view) or not same_bytes(np.frombuffer(view, np.uint8),
-                                                                                  back):
-            raise OSError(f"{self.path}: bytes read back at offset {self.position} differ from those written")
+        if check is not None:
+            if len(self._back) < len(view):
+                self._back = np.empty(len(view), dtype=np.uint8)
+            back = self._back[:len(view)]
+            if os.preadv(self.fd, [back], self.position) != len(view) or not same_bytes(
+                    np.frombuffer(view, np.uint8), back):
+                raise OSError(f"{self.path}: bytes read back at offset {self.position} differ from those written")
+            check(back)
         self.position += len(view)
-        return back
-
-    def pad(self, nbytes: int) -> None:
-        if padded(nbytes) > nbytes:
-            zeros = bytes(padded(nbytes) - nbytes)
-            os.write(self.fd, zeros)
-            self.position += len(zeros)
 
 
 def write_tensors(fd: int, position: int, path: Path, jobs: list[TensorJob], source_path: Path | None,
@@ -125,46 +171,61 @@ def write_tensors(fd: int, position: int, path: Path, jobs: list[TensorJob], sou
     ``source_path``: the input file the copies come from; ``encode(job, raw)``: (the bytes of a job that is not a
     copy, a uint8 array of ``job.entry.nbytes`` whose values are already checked; the factor they were made from),
     ``raw`` the stored bytes of that factor when ``job.stored`` says where they are, else None;
-    ``check(job, factor, bytes read back)``: called once such a job is written; ``where``: the input, for
-    messages."""
+    ``check(job, factor, bytes read back)``: called on the writer thread once such a job is written and its
+    bytes read back and compared; ``where``: the input, for messages."""
     import numpy as np
 
-    out = _Output(fd, position, path)
-    buffer = np.empty(CHUNK, dtype=np.uint8)
+    free: queue.Queue[Any] = queue.Queue()  # copy buffers not in the writer's hands
+    for _ in range(_Writer.DEPTH // 2):
+        free.put(np.empty(CHUNK, dtype=np.uint8))
     source = os.open(source_path, os.O_RDONLY) if source_path is not None and any(
         j.copy or j.stored for j in jobs) else None
+    out = _Writer(fd, position, path)
     try:
         for run in _runs(jobs):
             if run[0].copy is None:
+                job = run[0]
                 raw = None
-                if run[0].stored is not None and source is not None:  # one positioned read, no open per tensor
-                    raw = np.empty(run[0].stored[1], dtype=np.uint8)
-                    if os.preadv(source, [raw], run[0].stored[0]) != len(raw):
+                if job.stored is not None and source is not None:  # one positioned read, no open per tensor
+                    raw = np.empty(job.stored[1], dtype=np.uint8)
+                    if os.preadv(source, [raw], job.stored[0]) != len(raw):
                         raise AdapterFormatError(f"{where}: cut short while converting (file changed or truncated)")
-                data, factor = encode(run[0], raw)
-                if len(data) != run[0].entry.nbytes:
-                    raise ModuleMismatchError(f"{where}: {run[0].entry.name}: {len(data)} bytes encoded for a "
-                                              f"{run[0].entry.nbytes}-byte tensor")
-                back = out.write(data)
-                if check is not None:
-                    check(run[0], factor, back)
-                out.pad(run[0].entry.nbytes)
+                data, factor = encode(job, raw)
+                if len(data) != job.entry.nbytes:
+                    raise ModuleMismatchError(f"{where}: {job.entry.name}: {len(data)} bytes encoded for a "
+                                              f"{job.entry.nbytes}-byte tensor")
+                # Read back and compared on the writer thread, then decoded and checked against the input.
+                out.submit(data, functools.partial(check or _no_check, job, factor))
+                out.pad(job.entry.nbytes)
                 continue
             start, end = run[0].copy[0], run[-1].copy[0] + run[-1].copy[1]  # type: ignore[index]
             for offset in range(start, end, CHUNK):
+                buffer = free.get()
                 piece = buffer[:min(CHUNK, end - offset)]
-                if os.preadv(source, [piece], offset) != len(piece):  # type: ignore[arg-type]
-                    raise AdapterFormatError(f"{where}: cut short while converting (file changed or truncated)")
-                if check_finite and not _finite(piece, run[0].dtype):
-                    raise ModuleMismatchError(f"{where}: module {_module_at(run, offset, piece)}: LoRA factors "
-                                              "contain NaN or Inf; refusing to convert (pass --allow-nonfinite to "
-                                              "copy them unchanged)")
-                out.write(piece)
+                try:
+                    if os.preadv(source, [piece], offset) != len(piece):  # type: ignore[arg-type]
+                        raise AdapterFormatError(f"{where}: cut short while converting (file changed or "
+                                                 "truncated)")
+                    if check_finite and not _finite(piece, run[0].dtype):
+                        raise ModuleMismatchError(f"{where}: module {_module_at(run, offset, piece)}: LoRA factors "
+                                                  "contain NaN or Inf; refusing to convert (pass --allow-nonfinite "
+                                                  "to copy them unchanged)")
+                except BaseException:
+                    free.put(buffer)
+                    raise
+                out.submit(piece, release=functools.partial(free.put, buffer))
             out.pad(run[-1].entry.nbytes)
+    except BaseException:
+        out.close(raise_error=False)
+        raise
     finally:
         if source is not None:
             os.close(source)
-    return out.position
+    return out.close()
+
+
+def _no_check(job: TensorJob, factor: Any, back: Any) -> None:
+    """The read-back comparison alone (a caller without a decoding check)."""
 
 
 def _module_at(run: list[TensorJob], offset: int, piece: Any) -> str:

@@ -183,10 +183,10 @@ def write_gguf(adapter: Adapter, path: Path, *, force: bool = False, base: GGUFB
                allow_nonfinite: bool = False,
                check: Callable[[TensorJob, Any, Any], None] | None = None) -> GGUFWritten:
     """Write ``adapter`` (modules ``names`` maps, default all) as a GGUF LoRA at ``path``, atomically; NaN/Inf
-    factors are refused unless ``allow_nonfinite`` (a GGUF copy would spread a broken adapter). Every byte of
-    tensor data is read back and compared as it is written (formats/gguf_data.py); ``check(job, factor, bytes)``
-    sees each tensor that is not a stored copy once written: the factor it was made from (B (out, r) or A (r, in)
-    as the input stores it) and its bytes read back from the file."""
+    factors are refused unless ``allow_nonfinite`` (a GGUF copy would spread a broken adapter). Each tensor that
+    is not a stored copy is read back and compared as it is written (formats/gguf_data.py), and then
+    ``check(job, factor, bytes)`` sees it, on the writer's thread: the factor it was made from (B (out, r) or
+    A (r, in) as the input stores it) and its bytes read back from the file."""
     import torch
 
     from lora_tools.atomic import atomic_path
