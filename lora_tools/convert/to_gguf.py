@@ -4,9 +4,9 @@ Module names become the base's GGUF tensor names through gguf's own name map (ko
 module paths as for any conversion); q/k B rows are permuted for Llama-family bases; scales llama.cpp cannot hold
 are baked into B (formats/gguf_write.py). The file is written to a staging path and verified before it is moved into place:
 its header is parsed back (names, alpha, the tensor table and every data offset, the file's size), and every
-tensor that changed on the way (rows reordered, a scale baked in, a cast, Q8_0) is read back from the file as
-it is written, decoded and compared with the input (verify_gguf); the others are the input's stored bytes,
-copied unchanged (formats/gguf_data.py). gguf's own reader and llama.cpp read these files in the tests.
+tensor that changed on the way (rows reordered, a scale baked in, a cast, Q8_0) is decoded from the very bytes
+that are written and compared with the input (verify_gguf); the others are the input's stored bytes, copied
+unchanged (formats/gguf_data.py). gguf's own reader and llama.cpp read these files in the tests.
 """
 
 from __future__ import annotations
@@ -76,24 +76,24 @@ def decode(raw: Any, entry: Any) -> torch.Tensor:
 
 
 class TensorChecks:
-    """Each tensor that is not a stored copy, checked as soon as it is written (gguf_write's ``check``): its bytes
-    read back from the file are decoded and put back in the adapter's layout (q/k rows in transformers' order,
-    token_embd's lora_a transposed back). Equal to the input's factor: exact. Otherwise (a scale baked in, a
-    cast, Q8_0) the decoded factor is kept for the module's ΔW comparison."""
+    """Each tensor that is not a stored copy, checked as it goes to the file (gguf_write's ``check``): the bytes
+    written are decoded and put back in the adapter's layout (q/k rows in transformers' order, token_embd's lora_a transposed back). Equal to the input's
+    factor: exact. Otherwise (a scale baked in, a cast, Q8_0) the decoded factor is kept for the module's ΔW
+    comparison."""
 
     def __init__(self) -> None:
         self.exact: set[tuple[str, str]] = set()
         self.decoded: dict[tuple[str, str], torch.Tensor] = {}
 
     @torch.no_grad()
-    def __call__(self, job: Any, factor: torch.Tensor, back: Any) -> None:
-        value = decode(back, job.entry)
+    def __call__(self, job: Any, factor: torch.Tensor, data: Any) -> None:
+        value = decode(data, job.entry)
         if job.heads:
             value = gguf_names.permute_rows(value, job.heads, inverse=True)
         elif job.transposed:
             value = value.T
         if value.shape != factor.shape:
-            raise VerificationError(f"verification failed: {job.entry.name} reads back as {list(value.shape)}, "
+            raise VerificationError(f"verification failed: {job.entry.name} decodes as {list(value.shape)}, "
                                     f"the factor is {list(factor.shape)}; nothing written")
         if value.dtype == factor.dtype:
             exact = same_bytes(value.contiguous().view(torch.uint8).numpy().reshape(-1),
@@ -102,7 +102,7 @@ class TensorChecks:
             exact = torch.equal(value.to(torch.float64), factor.to(torch.float64))
         if exact:
             self.exact.add((job.module, job.role))
-        else:  # a copy: ``back`` is a buffer the next write reuses
+        else:  # a copy of its own: a view would keep the encoded bytes alive
             self.decoded[(job.module, job.role)] = value.clone(memory_format=torch.contiguous_format)
 
 
@@ -111,9 +111,9 @@ def verify_gguf(original: Adapter, path: Path, written: gguf_write.GGUFWritten,
                 tensors: TensorChecks) -> dict[str, Any]:
     """Check the written file against ``original``; raise VerificationError on any loss.
 
-    The changed tensors were read back, compared and decoded as they were written (formats/gguf_data.py,
-    TensorChecks), the copied ones are the input's stored bytes, and the header is parsed back here
-    (check_header: every tensor's offset and size, the file's end). A module is
+    The changed tensors were decoded from the bytes written (formats/gguf_data.py, TensorChecks), the copied ones
+    are the input's stored bytes, and the header is parsed back here (check_header: every tensor's offset and
+    size, the file's end). A module is
     bit-exact when both factors are stored copies or decoded equal to the input's, and the scale llama.cpp
     applies (alpha / r, r = lora_b's first GGUF dimension) equals ours; otherwise the relative difference of
     scale·B·A against the input's must stay under a bound set by the storage type (the rounding of one element

@@ -183,10 +183,11 @@ def write_gguf(adapter: Adapter, path: Path, *, force: bool = False, base: GGUFB
                allow_nonfinite: bool = False,
                check: Callable[[TensorJob, Any, Any], None] | None = None) -> GGUFWritten:
     """Write ``adapter`` (modules ``names`` maps, default all) as a GGUF LoRA at ``path``, atomically; NaN/Inf
-    factors are refused unless ``allow_nonfinite`` (a GGUF copy would spread a broken adapter). Each tensor that
-    is not a stored copy is read back and compared as it is written (formats/gguf_data.py), and then
-    ``check(job, factor, bytes)`` sees it, on the writer's thread: the factor it was made from (B (out, r) or
-    A (r, in) as the input stores it) and its bytes read back from the file."""
+    factors are refused unless ``allow_nonfinite`` (a GGUF copy would spread a broken adapter).
+    ``check(job, factor, bytes)`` sees each tensor that is not a stored copy before it is written: the factor it
+    was made from (B (out, r) or A (r, in) as the input stores it) and the bytes that go into the file
+    (formats/gguf_data.py)."""
+    import numpy as np
     import torch
 
     from lora_tools.atomic import atomic_path
@@ -209,7 +210,7 @@ def write_gguf(adapter: Adapter, path: Path, *, force: bool = False, base: GGUFB
         shape_b, shape_a = ((tuple(exact[name][0].shape), tuple(exact[name][1].shape)) if name in exact
                             else (_shape_2d(module.b_info.shape), _shape_2d(module.a_info.shape)))
         _check_shape(adapter, base, name, target, module.kind, shape_b, shape_a)
-        if float(torch.tensor(products[name], dtype=torch.float32)) != alpha:
+        if float(np.float32(products[name])) != alpha:  # the alpha llama.cpp reads is a float32
             written.baked[name] = products[name] / alpha
         heads = gguf_names.heads_for(kinds.get(name, ""), base)
         if heads is None and base.permuted and kinds.get(name) in ("attn_q", "attn_k"):

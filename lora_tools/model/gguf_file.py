@@ -24,6 +24,7 @@ MAGIC = b"GGUF"
 # value type -> struct format of the scalar types (8 = string, 9 = array are handled apart)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+_STRUCTS: dict[str, struct.Struct] = {}
 # A header larger than this is not a sane GGUF (SmolLM2's, with a 49k-token vocabulary, is ~2 MB).
 _MAX_COUNT = 10_000_000
 
@@ -82,12 +83,16 @@ class _Cursor:
         self.buffer, self.offset, self.path = buffer, 0, path
 
     def unpack(self, fmt: str) -> Any:
+        return self.unpack_many(fmt)[0]
+
+    def unpack_many(self, fmt: str) -> tuple[Any, ...]:
+        layout = _STRUCTS.get(fmt) or _STRUCTS.setdefault(fmt, struct.Struct(fmt))  # compiled once per format
         try:
-            (value,) = struct.unpack_from(fmt, self.buffer, self.offset)
+            values = layout.unpack_from(self.buffer, self.offset)
         except struct.error:
             raise BaseModelError(f"{self.path}: GGUF header is truncated at byte {self.offset}") from None
-        self.offset += struct.calcsize(fmt)
-        return value
+        self.offset += layout.size
+        return values
 
     def count(self, what: str) -> int:
         value = self.unpack("<Q")
@@ -158,9 +163,9 @@ def _parse(buffer: Any, path: Path) -> GGUFInfo:
         n_dims = cursor.unpack("<I")
         if n_dims > 8:
             raise BaseModelError(f"{path}: corrupt GGUF tensor table ({name}: {n_dims} dimensions)")
-        shape = tuple(cursor.unpack("<Q") for _ in range(n_dims))
-        type_id = cursor.unpack("<I")
-        info.tensors.append(GGUFTensor(name, shape, type_id, cursor.unpack("<Q")))
+        shape = cursor.unpack_many(f"<{n_dims}Q")
+        type_id, offset = cursor.unpack_many("<IQ")
+        info.tensors.append(GGUFTensor(name, shape, type_id, offset))
     alignment = info.metadata.get("general.alignment", 32)
     alignment = alignment if isinstance(alignment, int) and alignment > 0 else 32
     info.data_offset = -(-cursor.offset // alignment) * alignment
