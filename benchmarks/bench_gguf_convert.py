@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
                          (to_gguf, "check_header", "header parsed back from the file")])
         os_calls = OSCalls()
         inside = Phases([(os_calls, "write", WRITE), (os_calls, "preadv", READS), (gguf_data, "_finite", FINITE),
-                         (gguf_data, "same_bytes", COMPARE), (gguf_write, "_encode", ENCODE),
+                         (to_gguf, "same_bytes", COMPARE), (gguf_write, "_encode", ENCODE),
                          (to_gguf.TensorChecks, "__call__", DECODE)])
         gguf_data.os = os_calls  # type: ignore[assignment]
         with phases, inside:
