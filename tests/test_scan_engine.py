@@ -81,10 +81,10 @@ def test_sigint_then_resume_gives_one_line_per_adapter(tmp_path: Path) -> None:
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does: the whole process group
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
-    assert "--resume" in stderr and "Traceback" not in stderr
+    assert "--resume" in stderr and "Traceback" not in stderr, stderr
     assert not out.exists()
     done_before = {json.loads(text)["path"] for text in partial.read_text().splitlines() if text.endswith("}")}
-    assert 3 <= len(done_before) < len(paths)
+    assert 3 <= len(done_before) < len(paths), (len(done_before), stderr)
     resumed = subprocess.run([*command, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{len(done_before)} already done" in resumed.stderr

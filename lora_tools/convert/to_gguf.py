@@ -77,9 +77,9 @@ def decode(raw: Any, entry: Any) -> torch.Tensor:
 
 class TensorChecks:
     """Each tensor that is not a stored copy, checked as it goes to the file (gguf_write's ``check``): the bytes
-    written are decoded and put back in the adapter's layout (q/k rows in transformers' order, token_embd's lora_a transposed back). Equal to the input's
-    factor: exact. Otherwise (a scale baked in, a cast, Q8_0) the decoded factor is kept for the module's ΔW
-    comparison."""
+    written are decoded and put back in the adapter's layout (q/k rows in transformers' order, token_embd's lora_a
+    transposed back). Equal to the input's factor: exact. Otherwise (a scale baked in, a cast, Q8_0) the decoded
+    factor is kept for the module's ΔW comparison."""
 
     def __init__(self) -> None:
         self.exact: set[tuple[str, str]] = set()
@@ -113,11 +113,10 @@ def verify_gguf(original: Adapter, path: Path, written: gguf_write.GGUFWritten,
 
     The changed tensors were decoded from the bytes written (formats/gguf_data.py, TensorChecks), the copied ones
     are the input's stored bytes, and the header is parsed back here (check_header: every tensor's offset and
-    size, the file's end). A module is
-    bit-exact when both factors are stored copies or decoded equal to the input's, and the scale llama.cpp
-    applies (alpha / r, r = lora_b's first GGUF dimension) equals ours; otherwise the relative difference of
-    scale·B·A against the input's must stay under a bound set by the storage type (the rounding of one element
-    of that type, with room for accumulation).
+    size, the file's end). A module is bit-exact when both factors are stored copies or decoded equal to the
+    input's, and the scale llama.cpp applies (alpha / r, r = lora_b's first GGUF dimension) equals ours; otherwise
+    the relative difference of scale·B·A against the input's must stay under a bound set by the storage type (the
+    rounding of one element of that type, with room for accumulation).
     """
     check_header(path, written)
     jobs: dict[str, dict[str, Any]] = {}

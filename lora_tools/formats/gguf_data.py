@@ -5,12 +5,13 @@ Most factors of a LoRA go into a GGUF unchanged (same float type, no reordering,
 straight from the input file: tensors that lie back to back in the input and in the output form one run, read in
 CHUNK-sized pieces into a few reused buffers, checked for NaN/Inf there and handed to the writer. Reusing buffers
 that fit in the CPU's last-level cache keeps the check off main memory and avoids the page faults of fresh
-allocations, which on a virtual machine cost more than the copy itself. Tensors that change (q/k rows reordered, a scale baked in, a
-cast, a quantization) are produced by ``encode`` one at a time and handed to ``check``, which decodes exactly
-those bytes and compares them with the input before they are written. Nothing is read back from the output: the
-bytes written are the ones checked (or the input's stored bytes, unchanged), so a read-back would only test the
-operating system's write(2); what the code could get wrong about where they go (where each tensor starts, how
-long it is) the caller checks by parsing the header back and comparing the file's size with the layout.
+allocations, which on a virtual machine cost more than the copy itself. Tensors that change (q/k rows reordered,
+a scale baked in, a cast, a quantization) are produced by ``encode`` one at a time and handed to ``check``, which
+decodes exactly those bytes and compares them with the input before they are written. Nothing is read back from
+the output: the bytes written are the ones checked (or the input's stored bytes, unchanged), so a read-back would
+only test the operating system's write(2); what the code could get wrong about where they go (where each tensor
+starts, how long it is) the caller checks by parsing the header back and comparing the file's size with the
+layout.
 
 The writer thread only ever appends, in the order the tensors were handed over; write(2), the reads and the
 vectorised checks release the GIL, so on two cores the write (new page-cache pages, the largest cost) overlaps
@@ -185,19 +186,14 @@ def write_tensors(fd: int, position: int, path: Path, jobs: list[TensorJob], sou
                 continue
             start, end = run[0].copy[0], run[-1].copy[0] + run[-1].copy[1]  # type: ignore[index]
             for offset in range(start, end, CHUNK):
-                buffer = free.get()
+                buffer = free.get()  # waits while every buffer is queued for writing
                 piece = buffer[:min(CHUNK, end - offset)]
-                try:
-                    if os.preadv(source, [piece], offset) != len(piece):  # type: ignore[arg-type]
-                        raise AdapterFormatError(f"{where}: cut short while converting (file changed or "
-                                                 "truncated)")
-                    if check_finite and not _finite(piece, run[0].dtype):
-                        raise ModuleMismatchError(f"{where}: module {_module_at(run, offset, piece)}: LoRA factors "
-                                                  "contain NaN or Inf; refusing to convert (pass --allow-nonfinite "
-                                                  "to copy them unchanged)")
-                except BaseException:
-                    free.put(buffer)
-                    raise
+                if os.preadv(source, [piece], offset) != len(piece):  # type: ignore[arg-type]
+                    raise AdapterFormatError(f"{where}: cut short while converting (file changed or truncated)")
+                if check_finite and not _finite(piece, run[0].dtype):
+                    raise ModuleMismatchError(f"{where}: module {_module_at(run, offset, piece)}: LoRA factors "
+                                              "contain NaN or Inf; refusing to convert (pass --allow-nonfinite to "
+                                              "copy them unchanged)")
                 out.submit(piece, release=functools.partial(free.put, buffer))
             out.pad(run[-1].entry.nbytes)
     except BaseException:
