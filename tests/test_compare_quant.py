@@ -106,6 +106,12 @@ def test_activation_aware_is_optimal_and_matches_the_eigen_tail(out: int, inp: i
         assert act ** 2 == pytest.approx(eigen.tail_energy(k), rel=1e-6, abs=1e-10 * y_norm ** 2)
 
 
+def error_structure(E: torch.Tensor) -> tuple[float, float]:
+    """Reference: (stable rank, top-1 energy share) of an explicit error matrix from its float64 singular values."""
+    sigma_sq = torch.linalg.svdvals(E.to(torch.float64)).square()
+    return float(sigma_sq.sum() / sigma_sq[0]), float(sigma_sq[0] / sigma_sq.sum())
+
+
 @pytest.mark.parametrize("factored", [True, False])
 def test_energies_from_C_match_explicit_tokens(factored: bool) -> None:
     target, X = _problem(12, 20, 50, 3, factored)
@@ -118,7 +124,7 @@ def test_energies_from_C_match_explicit_tokens(factored: bool) -> None:
                       activation_aware(target, eigen, 3)]
     for approx in approximations:
         W_hat = approx.dense()
-        err, y_hat, inner = ctx.energies(approx)
+        err, y_hat, inner = ctx.measure([approx])[0]
         assert err == pytest.approx(float(((W_hat - W) @ X).norm() ** 2), rel=1e-8)
         assert y_hat == pytest.approx(float((W_hat @ X).norm() ** 2), rel=1e-8)
         assert inner == pytest.approx(float(((W @ X) * (W_hat @ X)).sum()), rel=1e-8)
@@ -399,7 +405,7 @@ def test_svd_truncation_is_the_truncated_svd_and_knows_its_error_spectrum(shape:
     """A dense target's truncation comes from the smaller Gram's eigenvectors (a projection), not an SVD: it
     must equal the rank-k SVD of float64 ``torch.linalg.svd``, and the error's σ² it carries must be those of
     the explicit error matrix (what the error-structure columns would get from decomposing it)."""
-    from lora_tools.compare.metrics import approximation_error_structure, error_structure
+    from lora_tools.compare.metrics import approximation_error_structure
 
     target, _ = _problem(*shape, 5, 11, factored)
     W = target.dense()
@@ -418,13 +424,13 @@ def test_svd_truncation_is_the_truncated_svd_and_knows_its_error_spectrum(shape:
 def test_dense_rounding_metrics_in_blocks_equal_the_whole_matrix(shape: tuple[int, int]) -> None:
     """The dense-rounding energies, error structure and noise prediction are summed over blocks of 256 rows or
     columns (float64 temporaries of a few rows): they must equal the same formulas on the whole error matrix."""
-    from lora_tools.compare.metrics import approximation_error_structure, error_structure
+    from lora_tools.compare.metrics import approximation_error_structure
 
     target, X = _problem(*shape, 700, 5, False)
     C, W = X @ X.T, target.dense()
     approx = quantize_target(target, get_scheme("int4-g32"))
     E = approx.dense() - W
-    err, y_hat, inner = EnergyContext(target, C, W).energies(approx)
+    err, y_hat, inner = EnergyContext(target, C, W).measure([approx])[0]
     assert err == pytest.approx(float((E @ X).norm() ** 2), rel=1e-9)
     assert inner == pytest.approx(float(((W @ X) * (approx.dense() @ X)).sum()), rel=1e-9)
     assert approximation_error_structure(target, approx, W) == pytest.approx(error_structure(E), rel=1e-9)

@@ -40,6 +40,13 @@ def add_holdout_tokens(layer: Any, x: torch.Tensor) -> None:
             stats.update(y, error_map(x32, y), y_sq)
 
 
+def _stored_map(target: Any, device: torch.device) -> torch.Tensor | None:
+    """The dense map (out, in) the metrics read, for dense targets only (a factored target's errors all come
+    from its factors), as stored: the metrics read it in row blocks cast to float64, never a whole float64 copy
+    (92 MB for a 2048 x 5632 layer)."""
+    return None if target.factored else target.weight.to(device)
+
+
 @torch.no_grad()
 def measure_calibration(layer: Any, device: torch.device, keep_span: bool) -> None:
     """Everything that reads C_calib, right after the fit: each approximation's calibration error, the built-in
@@ -49,10 +56,7 @@ def measure_calibration(layer: Any, device: torch.device, keep_span: bool) -> No
     held-out batch."""
     target = layer.target
     C_calib = layer.calib.gram
-    # The dense map is needed for dense targets only (a factored target's errors all come from its factors),
-    # and as stored: the metrics read it in row blocks cast to float64, never a whole float64 copy (92 MB for a
-    # 2048 x 5632 layer).
-    W = None if target.factored else target.weight.to(device)  # (out, in)
+    W = _stored_map(target, device)
     context = EnergyContext(target, C_calib, W)
     errors = []
     for approx, (err_calib, _, _) in zip(layer.approximations, context.measure(layer.approximations), strict=True):
@@ -78,10 +82,7 @@ def finalize_layer(layer: Any, device: torch.device) -> dict[str, Any]:
     error structure, noise-model prediction and the streamed per-token statistics."""
     target = layer.target
     has_hold = layer.holdout.tokens > 0
-    # The dense map is needed for dense targets only (a factored target's errors all come from its factors),
-    # and as stored: the metrics read it in row blocks cast to float64, never a whole float64 copy (92 MB for a
-    # 2048 x 5632 layer).
-    W = None if target.factored else target.weight.to(device)  # (out, in)
+    W = _stored_map(target, device)
     hold_ctx = EnergyContext(target, layer.holdout.gram, W) if has_hold else None
     held_out = (hold_ctx.measure(layer.approximations) if hold_ctx is not None
                 else [(0.0, 0.0, 0.0)] * len(layer.approximations))

@@ -58,13 +58,10 @@ class EnergyContext:
             self.measure([])
         return self._y  # type: ignore[return-value]
 
-    def energies(self, approx: Approximation) -> tuple[float, float, float]:
-        """(‖E X‖², ‖Ŵ X‖², <W X, Ŵ X>) for Ŵ = approx and E = Ŵ − W (float64)."""
-        return self.measure([approx])[0]
-
     @torch.no_grad()
     def measure(self, approximations: list[Approximation]) -> list[tuple[float, float, float]]:
-        """``energies`` of every approximation (a dense target's in one pass over W)."""
+        """(‖E X‖², ‖Ŵ X‖², <W X, Ŵ X>) in float64 for each approximation Ŵ, E = Ŵ − W (a dense target's all in
+        one pass over W)."""
         if self.target.factored:
             return [self._factored(approx) for approx in approximations]
         f64 = torch.float64
@@ -133,8 +130,12 @@ def rel_error(signal: float, noise: float) -> float:
 
 @torch.no_grad()
 def approximation_error_structure(target: Target, approx: Approximation, W: torch.Tensor) -> tuple[float, float]:
-    """``error_structure`` of E = Ŵ − W: from the error's σ² when the method knows them, exact singular values
-    from the factors when both are low rank, else from E's Gram matrix."""
+    """(stable rank ‖E‖_F²/σ_1², top-1 energy share σ_1²/‖E‖_F²) of the weight error E = Ŵ − W (out, in).
+
+    The two are reciprocals; both are reported because each reads naturally ("noise spread over ~300 directions"
+    vs "one direction holds 40% of the error"). The σ² come from the method when it knows them (a truncated
+    SVD), as exact singular values from the factors when both are low rank, else as the eigenvalues of E's
+    smaller Gram matrix, which is cheaper than an SVD and exact enough for the largest one."""
     if approx.error_sigma_sq is not None:
         return _structure_from_sigma_sq(approx.error_sigma_sq)
     if approx.weight is None and target.factored:
@@ -172,19 +173,6 @@ def _structure_from_sigma_sq(sigma_sq: torch.Tensor) -> tuple[float, float]:
     if total <= 0 or top <= 0:
         return 0.0, math.nan
     return total / top, top / total
-
-
-@torch.no_grad()
-def error_structure(E: torch.Tensor) -> tuple[float, float]:
-    """(stable rank ‖E‖_F²/σ_1², top-1 energy share σ_1²/‖E‖_F²) of the weight error E (out, in).
-
-    The two are reciprocals; both are reported because each reads naturally ("noise spread over ~300 directions"
-    vs "one direction holds 40% of the error"). σ² come from the eigenvalues of the smaller Gram matrix, which is
-    cheaper than an SVD and exact enough for the largest one.
-    """
-    E = E.to(torch.float64)
-    gram = E @ E.T if E.shape[0] <= E.shape[1] else E.T @ E
-    return _structure_from_sigma_sq(torch.linalg.eigvalsh(gram).clamp_min(0))
 
 
 @torch.no_grad()
